@@ -1,0 +1,22 @@
+# Shared settings of the WikiText-2 scripts: every path is a variable you can override.
+# Sourced by the numbered scripts; not meant to be run on its own.
+set -euo pipefail
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO="$(cd "$HERE/../.." && pwd)"
+# raw WikiText-2 (wiki.{train,valid,test}.tokens); downloaded by 01_prepare_data.sh when unset
+WIKITEXT2_DIR="${WIKITEXT2_DIR:-}"
+RUN_DIR="${RUN_DIR:-$REPO/runs/wikitext2}"        # everything this pipeline writes
+DATA_BIN="${DATA_BIN:-$RUN_DIR/data-bin}"         # fairseq-preprocess output
+CKPT_DIR="${CKPT_DIR:-$RUN_DIR/checkpoints}"
+CKPT="${CKPT:-$CKPT_DIR/checkpoint_best.pt}"
+DSTORE="${DSTORE:-$RUN_DIR/dstore/train}"         # datastore prefix (train split)
+INDEX="${INDEX:-$DSTORE.index}"
+LOG_DIR="${LOG_DIR:-$RUN_DIR/logs}"
+# The base LM sees 512 tokens; evaluation and the dump give every scored token >= 256 tokens
+# of prior context (blocks of 512-256=256 scored tokens, each behind a 256-token window).
+TOKENS_PER_SAMPLE="${TOKENS_PER_SAMPLE:-512}"
+CONTEXT_WINDOW="${CONTEXT_WINDOW:-256}"
+MAX_TOKENS="${MAX_TOKENS:-8192}"                  # eval batch size in tokens
+PY="${PY:-python}"
+mkdir -p "$RUN_DIR" "$LOG_DIR"
+export PYTHONUNBUFFERED=1

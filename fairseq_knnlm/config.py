@@ -1,0 +1,71 @@
+"""Dataclass options of the plugin. fairseq turns each field into a flag (``dstore_mmap`` ->
+``--dstore-mmap``) with its help text, for ``fairseq-eval-lm --user-dir fairseq_knnlm``.
+
+Flag names follow the authors' fairseq 0.9 fork (urvashik/knnlm) so that its users can move
+over; defaults are the paper's WikiText-103 settings unless a comment says otherwise.
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.tasks.language_modeling import LanguageModelingConfig
+
+from .hooks import DEFAULT_KEYTYPE
+
+
+@dataclass
+class KNNLMOptions:
+    # ---- datastore dump (save-keys) ----
+    save_knnlm_dstore: bool = field(default=False, metadata={
+        "help": "write a kNN-LM datastore (keys, next-token values, positions, meta) for "
+                "the --gen-subset while evaluating"})
+    dstore_mmap: Optional[str] = field(default=None, metadata={
+        "help": "datastore prefix to write: PREFIX_keys.npy, PREFIX_vals.npy, PREFIX_pos.npy, "
+                "PREFIX_meta.json"})
+    dstore_fp16: bool = field(default=False, metadata={
+        "help": "store keys as float16 (halves disk; distances are still computed in fp32)"})
+    knn_keytype: str = field(default=DEFAULT_KEYTYPE, metadata={
+        "help": "hidden state used as key f(c) (paper Table 5): ffn_input_after_ln (best), "
+                "ffn_input_before_ln, ffn_output, attn_input_after_ln, attn_input_before_ln, "
+                "attn_output, model_output, model_output_after_ln; ':LAYER' picks a layer"})
+    # ---- kNN-LM scoring ----
+    knnlm: bool = field(default=False, metadata={
+        "help": "interpolate the LM with a kNN distribution over a datastore (paper Eq. 3)"})
+    dstore_filename: Optional[str] = field(default=None, metadata={
+        "help": "datastore prefix to search (as written by --dstore-mmap)"})
+    indexfile: Optional[str] = field(default=None, metadata={
+        "help": "FAISS index built by knnlm-build-index from that datastore"})
+    k: int = field(default=1024, metadata={"help": "neighbours retrieved per token (paper: 1024)"})
+    lmbda: float = field(default=0.25, metadata={
+        "help": "kNN interpolation weight lambda (paper: 0.25 in domain, 0.65 domain adaptation)"})
+    probe: int = field(default=32, metadata={"help": "IVF lists probed per query (paper: 32)"})
+    knn_temp: float = field(default=1.0, metadata={
+        "help": "softmax temperature over -distance (paper: 1; small models like ~10)"})
+    knn_sim_func: str = field(default="l2", metadata={
+        "help": "l2: squared L2 recomputed from full-precision keys (paper's best); faiss_l2: "
+                "FAISS's quantized distances (faster, worse); dot: inner product"})
+    move_dstore_to_mem: bool = field(default=False, metadata={
+        "help": "copy the keys into RAM instead of memory-mapping them"})
+    no_load_keys: bool = field(default=False, metadata={
+        "help": "do not open the keys (only valid with --knn-sim-func faiss_l2)"})
+    knn_gpu: bool = field(default=False, metadata={
+        "help": "search on the GPU (needs a CUDA FAISS build)"})
+    knn_mmap_index: bool = field(default=False, metadata={
+        "help": "memory-map the FAISS index (IO_FLAG_MMAP) instead of reading it into RAM"})
+    knn_save_neighbors: Optional[str] = field(default=None, metadata={
+        "help": "save retrieved neighbours (ids, distances, LM log-probs) to this prefix for "
+                "offline sweeps with knnlm-sweep"})
+    # ---- continuous cache (Grave et al. 2017) ----
+    knn_cache: bool = field(default=False, metadata={
+        "help": "interpolate a continuous cache over the recent history of the evaluated text"})
+    cache_lmbda: float = field(default=0.1, metadata={"help": "cache interpolation weight"})
+    cache_theta: float = field(default=0.05, metadata={
+        "help": "cache flatness theta in exp(theta h.h_i) (tune on validation)"})
+    cache_length: int = field(default=512, metadata={
+        "help": "how many previous positions the cache holds (<= --context-window to be full)"})
+
+
+@dataclass
+class KNNLanguageModelingConfig(LanguageModelingConfig, KNNLMOptions):
+    """fairseq's language_modeling options plus the kNN-LM ones (all off by default)."""

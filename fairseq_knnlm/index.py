@@ -1,0 +1,351 @@
+"""FAISS index over a datastore: build (train -> save trained -> add in chunks, resumable)
+and load (with nprobe, optional memory mapping and GPU).
+
+Paper settings (Section 3): IVFPQ with 4096 coarse centroids trained on 1M keys sampled
+without replacement, 64-byte PQ codes (64 sub-quantizers of 8 bits), 32 lists probed.
+
+Files next to INDEX:
+    INDEX               the finished index (faiss.write_index)
+    INDEX.meta.json     what it was built from (datastore fingerprint) and with which settings
+    INDEX.trained       the trained, empty index (kept: shard-wise builds reuse it)
+    INDEX.partial(.json) the last checkpoint of an interrupted build (removed when done)
+
+CLI: ``knnlm-build-index --dstore-mmap PREFIX --faiss-index PREFIX.index`` (cli/build_index.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+
+from .datastore import Datastore, DatastoreError, open_datastore
+from .memmaps import write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+INDEX_TYPES = ("ivfpq", "flat", "opq-ivfpq", "pca-ivfpq")
+MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
+PathLike = Union[str, os.PathLike]
+
+
+class IndexBuildError(RuntimeError):
+    """Bad settings or inputs for an index build, reported before any work is done."""
+
+
+@dataclass
+class IndexSettings:
+    index_type: str = "ivfpq"
+    ncentroids: int = 4096
+    code_size: int = 64
+    train_size: int = 1_000_000
+    probe: int = 32
+    seed: int = 1
+    pca_dim: int = 512
+
+    def describe(self, dim: int) -> str:
+        if self.index_type == "flat":
+            return "Flat"
+        pre = {"ivfpq": "", "opq-ivfpq": f"OPQ{self.code_size},",
+               "pca-ivfpq": f"PCA{self.pca_dim},"}[self.index_type]
+        return f"{pre}IVF{self.ncentroids},PQ{self.code_size}"
+
+
+def _faiss():
+    import faiss  # imported lazily: the datastore and maths modules do not need it
+
+    return faiss
+
+
+def meta_path(index_path: PathLike) -> Path:
+    return Path(f"{index_path}.meta.json")
+
+
+def _trained_path(index_path: PathLike) -> Path:
+    return Path(f"{index_path}.trained")
+
+
+def _partial_path(index_path: PathLike) -> Path:
+    return Path(f"{index_path}.partial")
+
+
+def _write_index_atomic(index: Any, path: Path) -> None:
+    faiss = _faiss()
+    tmp = path.with_name(path.name + ".tmp")
+    faiss.write_index(index, str(tmp))
+    os.replace(tmp, path)
+
+
+def check_settings(settings: IndexSettings, ntotal: int, dim: int) -> IndexSettings:
+    """Validate settings against the datastore; pick a smaller ncentroids if needed (logged)."""
+    if settings.index_type not in INDEX_TYPES:
+        raise IndexBuildError(f"--index-type must be one of {INDEX_TYPES}, "
+                              f"got {settings.index_type!r}")
+    if ntotal <= 0:
+        raise IndexBuildError("the datastore is empty")
+    if settings.index_type == "flat":
+        return settings
+    eff_dim = settings.pca_dim if settings.index_type == "pca-ivfpq" else dim
+    if settings.index_type == "pca-ivfpq" and settings.pca_dim > dim:
+        raise IndexBuildError(f"--pca-dim {settings.pca_dim} exceeds the key dimension {dim}")
+    if settings.code_size <= 0 or eff_dim % settings.code_size != 0:
+        divisors = [m for m in (8, 16, 32, 48, 64, 96, 128) if eff_dim % m == 0]
+        raise IndexBuildError(
+            f"--code-size {settings.code_size} must divide the dimension {eff_dim} (one "
+            f"sub-quantizer per {eff_dim}/M dims); try one of {divisors}")
+    n_train = min(settings.train_size, ntotal)
+    if n_train < 256:
+        raise IndexBuildError(
+            f"only {n_train} keys to train on: PQ needs at least 256 (2^8 codes); use "
+            "--index-type flat for a datastore this small")
+    nc = settings.ncentroids
+    if n_train < nc * MIN_POINTS_PER_CENTROID:
+        best = 1 << max(0, int(np.log2(max(1, n_train // MIN_POINTS_PER_CENTROID))))
+        logger.warning(
+            "%d training keys are too few for %d centroids (FAISS wants ~%d per centroid): "
+            "using --ncentroids %d; pass it explicitly to silence this", n_train, nc,
+            MIN_POINTS_PER_CENTROID, best)
+        settings = IndexSettings(**{**asdict(settings), "ncentroids": best})
+    return settings
+
+
+def new_index(settings: IndexSettings, dim: int) -> Any:
+    """An untrained FAISS index for the settings (L2 metric throughout, as in the paper)."""
+    faiss = _faiss()
+    if settings.index_type == "flat":
+        return faiss.IndexFlatL2(dim)
+    if settings.index_type == "ivfpq":
+        quantizer = faiss.IndexFlatL2(dim)
+        index = faiss.IndexIVFPQ(quantizer, dim, settings.ncentroids, settings.code_size, 8)
+        index.own_fields = True
+        quantizer.this.disown()
+        return index
+    return faiss.index_factory(dim, settings.describe(dim), faiss.METRIC_L2)
+
+
+def sample_train_ids(ntotal: int, train_size: int, seed: int) -> np.ndarray:
+    """Training rows drawn without replacement with a fixed seed, sorted for memmap reads."""
+    rng = np.random.default_rng(seed)
+    n = min(train_size, ntotal)
+    if n == ntotal:
+        return np.arange(ntotal)
+    return np.sort(rng.choice(ntotal, size=n, replace=False))
+
+
+def _read_keys(ds: Datastore, ids_or_slice: Any) -> np.ndarray:
+    assert ds.keys is not None
+    return np.ascontiguousarray(ds.keys[ids_or_slice], dtype=np.float32)
+
+
+def _gpu_available() -> bool:
+    faiss = _faiss()
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def require_gpu() -> None:
+    if not _gpu_available():
+        raise IndexBuildError(
+            "--gpu needs a CUDA build of FAISS and a visible GPU; this faiss has "
+            f"{'no GPU support' if not hasattr(_faiss(), 'StandardGpuResources') else '0 GPUs'}"
+            " (pip install 'fairseq-knnlm[gpu]' on a CUDA machine)")
+
+
+def _to_gpu(index: Any) -> Any:
+    faiss = _faiss()
+    res = faiss.StandardGpuResources()
+    co = faiss.GpuClonerOptions()
+    co.useFloat16 = True  # fp16 lookup tables: needed for 64-byte PQ codes on GPU
+    gi = faiss.index_cpu_to_gpu(res, 0, index, co)
+    gi._res = res  # keep the resources alive as long as the index
+    return gi
+
+
+def _datastore_record(ds: Datastore) -> dict[str, Any]:
+    return {"prefix": str(ds.prefix), **ds.meta.fingerprint()}
+
+
+def train_index(ds: Datastore, settings: IndexSettings, gpu: bool = False) -> Any:
+    """Train (no keys added) on a fixed-seed sample of the datastore's keys."""
+    index = new_index(settings, ds.dim)
+    if index.is_trained:
+        return index
+    ids = sample_train_ids(ds.size, settings.train_size, settings.seed)
+    t0 = time.time()
+    x = _read_keys(ds, ids)
+    logger.info("training %s on %d keys (read in %.1fs)", settings.describe(ds.dim), len(x),
+                time.time() - t0)
+    t0 = time.time()
+    if gpu and settings.index_type == "ivfpq":
+        gi = _to_gpu(index)
+        gi.train(x)
+        index = _faiss().index_gpu_to_cpu(gi)
+    else:
+        index.train(x)
+    logger.info("trained in %.1fs (%.0f keys/s)", time.time() - t0, len(x) / max(1e-9,
+                time.time() - t0))
+    return index
+
+
+def build_index(
+    dstore_prefix: PathLike,
+    index_path: PathLike,
+    settings: Optional[IndexSettings] = None,
+    add_chunk: int = 500_000,
+    starting_point: Optional[int] = None,
+    checkpoint_every: int = 5_000_000,
+    gpu: bool = False,
+    progress: bool = True,
+    stop_after: Optional[int] = None,
+) -> Path:
+    """Build INDEX from a datastore; resumes from INDEX.partial / INDEX.trained if present.
+
+    stop_after (testing aid) stops, as a crash would, once that many keys are added and
+    checkpointed. Returns the path of the finished index.
+    """
+    settings = settings or IndexSettings()
+    index_path = Path(index_path)
+    ds = open_datastore(dstore_prefix)  # validates the datastore before any work
+    settings = check_settings(settings, ds.size, ds.dim)
+    if gpu:
+        require_gpu()
+    out_dir = index_path.parent if str(index_path.parent) else Path(".")
+    if not out_dir.exists():
+        raise IndexBuildError(f"output folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise IndexBuildError(f"output folder {out_dir} is not writable")
+    record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}
+    fin_meta = meta_path(index_path)
+    if fin_meta.exists():
+        fin_meta.unlink()  # the old index no longer describes what is being built
+    faiss = _faiss()
+
+    # 1. trained index: reuse a saved one if it was trained with the same settings
+    trained = _trained_path(index_path)
+    trained_rec = Path(f"{trained}.json")
+    index = None
+    if trained.exists() and trained_rec.exists() and json.loads(trained_rec.read_text()) == record:
+        logger.info("reusing trained index %s", trained)
+        index = faiss.read_index(str(trained))
+    if index is None:
+        index = train_index(ds, settings, gpu=gpu)
+        _write_index_atomic(index, trained)
+        write_json_atomic(trained_rec, record)
+
+    # 2. resume point
+    partial, partial_rec = _partial_path(index_path), Path(f"{_partial_path(index_path)}.json")
+    start = 0
+    if partial.exists() and partial_rec.exists():
+        rec = json.loads(partial_rec.read_text())
+        if {k: rec.get(k) for k in record} == record:
+            index = faiss.read_index(str(partial))
+            start = int(index.ntotal)
+            logger.info("resuming %s from key %d of %d", index_path, start, ds.size)
+    if starting_point is not None and starting_point != start:
+        raise IndexBuildError(
+            f"--starting-point {starting_point} but the saved state holds {start} keys; "
+            "omit --starting-point to resume from the saved state")
+    if int(index.ntotal) != start:
+        raise IndexBuildError(f"index holds {index.ntotal} keys, expected {start}")
+
+    # 3. add in chunks, with sequential ids, checkpointing now and then
+    index_on = _to_gpu(index) if gpu and settings.index_type != "pca-ivfpq" else index
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=ds.size, initial=start, unit="keys", unit_scale=True, desc="add")
+    t0, last_ckpt = time.time(), start
+    pos = start
+    while pos < ds.size:
+        end = min(ds.size, pos + add_chunk)
+        index_on.add(_read_keys(ds, slice(pos, end)))
+        if bar is not None:
+            bar.update(end - pos)
+        pos = end
+        if pos < ds.size and (pos - last_ckpt >= checkpoint_every or
+                              (stop_after is not None and pos >= stop_after)):
+            cpu = faiss.index_gpu_to_cpu(index_on) if index_on is not index else index
+            _write_index_atomic(cpu, partial)
+            write_json_atomic(partial_rec, {**record, "added": pos})
+            last_ckpt = pos
+            if stop_after is not None and pos >= stop_after:
+                if bar is not None:
+                    bar.close()
+                raise KeyboardInterrupt(f"stopped after {pos} keys (stop_after)")
+    if bar is not None:
+        bar.close()
+    add_time = time.time() - t0
+    if index_on is not index:
+        index = faiss.index_gpu_to_cpu(index_on)
+    if int(index.ntotal) != ds.size:
+        raise IndexBuildError(f"index holds {index.ntotal} keys, datastore {ds.size}")
+    _write_index_atomic(index, index_path)
+    write_json_atomic(fin_meta, {**record, "ntotal": int(index.ntotal), "complete": True})
+    for p in (partial, partial_rec):
+        if p.exists():
+            p.unlink()
+    logger.info("wrote %s: %d keys added in %.1fs (%.0f keys/s)", index_path, ds.size - start,
+                add_time, (ds.size - start) / max(1e-9, add_time))
+    return index_path
+
+
+def read_index_record(index_path: PathLike) -> dict[str, Any]:
+    """The sidecar of a finished index; raises if the index is missing or unfinished."""
+    index_path = Path(index_path)
+    if not index_path.exists():
+        raise DatastoreError(f"FAISS index {index_path} not found")
+    mp = meta_path(index_path)
+    if not mp.exists():
+        raise DatastoreError(f"{mp} not found: {index_path} was not built by knnlm-build-index "
+                             "(or its build did not finish); rebuild it")
+    return json.loads(mp.read_text())
+
+
+def check_index_matches(index_path: PathLike, ds: Datastore) -> dict[str, Any]:
+    """Refuse an index that was built from another datastore, naming both sides."""
+    rec = read_index_record(index_path)
+    built = rec.get("datastore", {})
+    have = ds.meta.fingerprint()
+    diffs = [f"{k}: index built from {built.get(k)!r}, datastore has {v!r}"
+             for k, v in have.items() if built.get(k) != v]
+    if diffs:
+        raise DatastoreError(f"{index_path} does not belong to datastore {ds.prefix}: "
+                             + "; ".join(diffs))
+    return rec
+
+
+def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
+               mmap: bool = False) -> Any:
+    """Read an index, set nprobe, optionally memory-map it (IO_FLAG_MMAP: the inverted lists
+    stay on disk) or move it to the GPU."""
+    faiss = _faiss()
+    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    index = faiss.read_index(str(index_path), flags)
+    set_probe(index, probe)
+    if gpu:
+        require_gpu()
+        index = _to_gpu(index)
+        set_probe(index, probe)
+    return index
+
+
+def set_probe(index: Any, probe: int) -> None:
+    """Set nprobe on an IVF index (also under a pre-transform); no-op for flat indexes."""
+    faiss = _faiss()
+    try:
+        faiss.extract_index_ivf(index).nprobe = probe
+    except (RuntimeError, AttributeError):
+        if hasattr(index, "nprobe"):
+            index.nprobe = probe
+
+
+def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batched search; float32 C-contiguous queries, returns (dists (n,k), ids (n,k))."""
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    return index.search(q, k)

@@ -1,0 +1,94 @@
+"""Retrieval for kNN-LM: FAISS search over a datastore and p_kNN of the targets.
+
+Plain Python, no fairseq: the scorer passes (n, D) queries (every scored position of a batch
+at once) and (n,) targets; ``KNNRetriever.score`` returns log p_kNN(target) and what was
+retrieved, which the offline-sweep writer can save.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from .datastore import Datastore, DatastoreError, open_datastore
+from .index import check_index_matches, load_index, search
+from .knn import SIM_FUNCS, knn_log_prob, recompute_distances
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Retrieved:
+    ids: np.ndarray  # (n, k) int64 datastore rows, -1 where FAISS found fewer than k
+    faiss_dists: np.ndarray  # (n, k) float32 FAISS (quantized) squared L2
+    dists: torch.Tensor  # (n, k) float32 distance used for p_kNN (smaller is closer)
+    nbr_vals: torch.Tensor  # (n, k) int64 next-token ids of the neighbours (-1 where masked)
+    valid: torch.Tensor  # (n, k) bool
+
+
+class KNNRetriever:
+    """Holds a datastore and its FAISS index; searches and scores batches of queries."""
+
+    def __init__(
+        self,
+        dstore_prefix: Union[str, Path],
+        index_path: Union[str, Path],
+        k: int = 1024,
+        probe: int = 32,
+        sim_func: str = "l2",
+        temperature: float = 1.0,
+        keys_in_memory: bool = False,
+        load_keys: bool = True,
+        gpu: bool = False,
+        mmap_index: bool = False,
+    ) -> None:
+        if sim_func not in SIM_FUNCS:
+            raise ValueError(f"--knn-sim-func must be one of {SIM_FUNCS}, got {sim_func!r}")
+        if not load_keys and sim_func != "faiss_l2":
+            raise ValueError(f"--no-load-keys leaves no keys to compute '{sim_func}' distances "
+                             "from: use --knn-sim-func faiss_l2 or drop --no-load-keys")
+        if temperature <= 0:
+            raise ValueError(f"--knn-temp must be > 0, got {temperature}")
+        if k <= 0:
+            raise ValueError(f"--k must be positive, got {k}")
+        self.ds: Datastore = open_datastore(dstore_prefix, load_keys=load_keys,
+                                            keys_in_memory=keys_in_memory)
+        if k > self.ds.size:
+            raise DatastoreError(f"--k {k} is larger than the datastore ({self.ds.size} entries)")
+        self.record = check_index_matches(index_path, self.ds)
+        self.k, self.sim_func, self.temperature = k, sim_func, temperature
+        self.index = load_index(index_path, probe=probe, gpu=gpu, mmap=mmap_index)
+        # values as one contiguous int64 tensor: gathers by id are then one indexing op
+        self.vals = torch.from_numpy(np.asarray(self.ds.vals[:, 0], dtype=np.int64))
+        logger.info("kNN-LM datastore %s: %d entries, dim %d, key type %s; index %s (%s)",
+                    self.ds.prefix, self.ds.size, self.ds.dim, self.ds.meta.keytype, index_path,
+                    self.record.get("settings", {}).get("index_type"))
+
+    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+        q = queries.detach().float()
+        fd, ids = search(self.index, q.cpu().numpy(), self.k)
+        valid_np = ids >= 0
+        if self.sim_func == "faiss_l2":
+            dists = torch.from_numpy(np.where(valid_np, fd, np.inf).astype(np.float32))
+            dists = dists.to(q.device)
+        else:
+            assert self.ds.keys is not None
+            dists = recompute_distances(q, ids, self.ds.keys, self.sim_func)
+        safe = torch.from_numpy(np.where(valid_np, ids, 0))
+        nbr_vals = self.vals[safe].masked_fill(torch.from_numpy(~valid_np), -1)
+        return Retrieved(ids=ids, faiss_dists=fd, dists=dists,
+                         nbr_vals=nbr_vals.to(q.device),
+                         valid=torch.from_numpy(valid_np).to(q.device))
+
+    def score(self, queries: torch.Tensor, targets: torch.Tensor,
+              temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
+        """log p_kNN(targets) (n,) in float32, and the retrieval it came from."""
+        r = self.retrieve(queries)
+        logp = knn_log_prob(r.dists, r.nbr_vals, targets.to(r.dists.device),
+                             temperature or self.temperature, r.valid)
+        return logp, r

@@ -1,0 +1,76 @@
+"""kNN maths against hand-computed / brute-force numpy values (paper Eqs. 2-3)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_knnlm.knn import (
+    KNN_LOGP_FLOOR,
+    gather_rows,
+    interpolate,
+    knn_log_prob,
+    recompute_distances,
+)
+
+
+def test_knn_log_prob_hand_table():
+    d = torch.tensor([[1.0, 2.0, 3.0]])
+    vals = torch.tensor([[5, 7, 5]])
+    w = np.exp(-np.array([1.0, 2.0, 3.0]))
+    expect = math.log((w[0] + w[2]) / w.sum())
+    got = knn_log_prob(d, vals, torch.tensor([5]))
+    assert float(got) == pytest.approx(expect, rel=1e-6)
+    # temperature divides the distance
+    w2 = np.exp(-np.array([1.0, 2.0, 3.0]) / 10)
+    got2 = knn_log_prob(d, vals, torch.tensor([7]), temperature=10.0)
+    assert float(got2) == pytest.approx(math.log(w2[1] / w2.sum()), rel=1e-6)
+
+
+def test_missing_target_gets_finite_floor_and_invalid_slots_are_masked():
+    d = torch.tensor([[1.0, 2.0, 0.0]])
+    vals = torch.tensor([[5, 7, 9]])
+    valid = torch.tensor([[True, True, False]])  # FAISS id -1: never a neighbour
+    assert float(knn_log_prob(d, vals, torch.tensor([9]), valid=valid)) == KNN_LOGP_FLOOR
+    w = np.exp(-np.array([1.0, 2.0]))
+    got = knn_log_prob(d, vals, torch.tensor([5]), valid=valid)
+    assert float(got) == pytest.approx(math.log(w[0] / w.sum()), rel=1e-6)
+
+
+def test_interpolation_log_space():
+    lm = torch.tensor([math.log(0.2)])
+    knn = torch.tensor([math.log(0.6)])
+    assert float(interpolate(lm, knn, 0.25)) == pytest.approx(math.log(0.25 * 0.6 + 0.75 * 0.2))
+    assert torch.equal(interpolate(lm, knn, 0.0), lm)  # lambda = 0 is exactly the LM
+    with pytest.raises(ValueError):
+        interpolate(lm, knn, 1.2)
+
+
+def test_recompute_distances_fp16_memmap_and_minus_one(tmp_path):
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((500, 64)).astype(np.float16)
+    path = tmp_path / "k.npy"
+    keys.tofile(path)
+    mm = np.memmap(path, dtype=np.float16, mode="r", shape=(500, 64))
+    q = torch.from_numpy(rng.standard_normal((7, 64)).astype(np.float32))
+    ids = rng.integers(0, 500, (7, 20))
+    ids[3, 5] = -1
+    d = recompute_distances(q, ids, mm, "l2", block_bytes=4096)  # many small blocks
+    k32 = keys.astype(np.float32)
+    ref = ((k32[ids] - q.numpy()[:, None]) ** 2).sum(-1)
+    ok = ids >= 0
+    np.testing.assert_allclose(d.numpy()[ok], ref[ok], rtol=1e-5)
+    assert math.isinf(float(d[3, 5]))
+    dots = recompute_distances(q, ids, mm, "dot")
+    np.testing.assert_allclose(dots.numpy()[ok], -(k32[ids] * q.numpy()[:, None]).sum(-1)[ok],
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_gather_rows_dedups():
+    keys = np.arange(20).reshape(10, 2)
+    ids = np.array([[3, 3, 1], [9, 1, 3]])
+    rows, inv = gather_rows(keys, ids)
+    assert len(rows) == 3 and np.array_equal(rows[inv], keys[ids])
