@@ -99,23 +99,25 @@ def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis)
 
 
-def knn_logp_for_ks(dists: np.ndarray, match: np.ndarray, ks: Sequence[int],
-                    temperature: float) -> dict[int, np.ndarray]:
-    """log p_kNN(target) for each k' in ks from (n, k) distances (inf = missing) and matches.
-
-    Rows are sorted by distance first, so k' means the k' nearest by this distance.
-    """
+def sort_by_distance(dists: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows sorted by distance (inf = missing last), so that k' means the k' nearest."""
     order = np.argsort(dists, axis=1, kind="stable")
-    d = np.take_along_axis(dists, order, axis=1).astype(np.float64)
-    m = np.take_along_axis(match, order, axis=1).astype(bool)
+    return (np.take_along_axis(dists, order, axis=1).astype(np.float64),
+            np.take_along_axis(match, order, axis=1).astype(bool))
+
+
+def knn_logp_for_ks(dists: np.ndarray, match: np.ndarray, ks: Sequence[int],
+                    temperature: float, presorted: bool = False) -> dict[int, np.ndarray]:
+    """log p_kNN(target) for each k' in ks from (n, k) distances (inf = missing) and matches
+    (neighbour value == target), using the k' nearest neighbours by this distance."""
+    d, m = (dists, match.astype(bool)) if presorted else sort_by_distance(dists, match)
     logits = -d / temperature
     out = {}
     for kk in ks:
         lg, mm = logits[:, :kk], m[:, :kk]
         norm = _logsumexp(lg)
         tgt = _logsumexp(np.where(mm, lg, -np.inf))
-        res = np.where(mm.any(axis=1), tgt - norm, KNN_LOGP_FLOOR)
-        out[kk] = res
+        out[kk] = np.where(mm.any(axis=1), tgt - norm, KNN_LOGP_FLOOR)
     return out
 
 
@@ -155,9 +157,9 @@ def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
         e = min(n, s + chunk)
         d = np.asarray(nb.arrays[key][s:e], dtype=np.float32)
         d = np.where(np.asarray(nb.arrays["ids"][s:e]) >= 0, d, np.inf)
-        match = np.asarray(nb.arrays["match"][s:e])
+        d, match = sort_by_distance(d, np.asarray(nb.arrays["match"][s:e]))
         for T in temperatures:
-            per_k = knn_logp_for_ks(d, match, ks, T)
+            per_k = knn_logp_for_ks(d, match, ks, T, presorted=True)
             for kk, knn in per_k.items():
                 for lam in lambdas:
                     base = mix(lm[s:e], knn, lam)

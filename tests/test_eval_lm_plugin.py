@@ -236,3 +236,14 @@ def test_saved_neighbors_reproduce_online_scores(tiny, dstore):
     assert by[0.25] == pytest.approx(2 ** res["loss"], rel=1e-4)
     base = eval_lm_inprocess(eval_args(tiny))
     assert by[0.0] == pytest.approx(2 ** base["loss"], rel=1e-4)
+    # the CLI over the same file: table, json and the two plots
+    from fairseq_knnlm.cli.sweep import cli_main
+
+    js, plots = tiny["dir"] / "sweep.json", tiny["dir"] / "plots"
+    assert cli_main([str(out), "--lambdas", "0,0.25,0.5", "--temps", "1,3",
+                     "--dists", "l2,faiss_l2", "--json", str(js), "--plot-dir", str(plots)]) == 0
+    summary = json.loads(js.read_text())
+    assert summary["best"]["ppl"] <= by[0.25] + 1e-9
+    assert {r["k"] for r in summary["rows"]} == {1, 2, 4, 8, 16, 32}
+    assert (plots / "ppl_vs_lambda.png").stat().st_size > 1000
+    assert (plots / "ppl_vs_k.png").stat().st_size > 1000

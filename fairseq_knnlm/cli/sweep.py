@@ -1,0 +1,136 @@
+"""knnlm-sweep: score many kNN-LM settings from neighbours saved by one eval-lm pass.
+
+    fairseq-eval-lm ... --knnlm --knn-save-neighbors runs/wt2/nbrs/valid
+    knnlm-sweep runs/wt2/nbrs/valid --lambdas 0,0.1,0.2,0.3 --ks 8,64,1024 --temps 1,10 \
+        --json runs/wt2/sweep_valid.json --plot-dir runs/wt2/plots
+
+Prints the best setting and a table; --json writes every row; --plot-dir writes PNGs of
+perplexity against lambda (paper Fig. 5) and against k (paper Fig. 4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+from ..sweep import best, load_neighbors, sweep
+
+logger = logging.getLogger(__name__)
+
+
+def floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x]
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnlm-sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("neighbors", help="prefix given to --knn-save-neighbors")
+    p.add_argument("--lambdas", type=floats, default=floats(
+        "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9"), help="comma list")
+    p.add_argument("--ks", type=ints, default=None,
+                   help="comma list (default: powers of two up to the saved k)")
+    p.add_argument("--temps", type=floats, default=[1.0], help="comma list of temperatures")
+    p.add_argument("--dists", default="l2", help="comma list of l2, faiss_l2")
+    p.add_argument("--cache-lambdas", type=floats, default=[0.0],
+                   help="comma list of cache weights (needs a pass with --knn-cache)")
+    p.add_argument("--json", default=None, help="write all rows and the best ones here")
+    p.add_argument("--plot-dir", default=None, help="write ppl_vs_lambda.png, ppl_vs_k.png")
+    p.add_argument("--label", default="", help="title prefix for the plots")
+    return p
+
+
+def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Path]:
+    """ppl vs lambda at the best (T, k), and ppl vs k at the best (T, lambda) for each k."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    top = best(rows, cache_lambda=0.0) or best(rows)
+    assert top is not None
+    base = best(rows, **{"lambda": 0.0})
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for dist in sorted({r["dist"] for r in rows}):
+        t = best(rows, dist=dist, cache_lambda=top["cache_lambda"])
+        if t is None:
+            continue
+        pts = sorted((r["lambda"], r["ppl"]) for r in rows if r["dist"] == dist and
+                     r["k"] == t["k"] and r["temperature"] == t["temperature"] and
+                     r["cache_lambda"] == t["cache_lambda"])
+        ax.plot(*zip(*pts), marker="o", label=f"{dist}, k={t['k']}, T={t['temperature']:g}")
+    ax.set_xlabel("λ (kNN weight)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{label} perplexity vs λ".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "ppl_vs_lambda.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    written.append(p)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for dist in sorted({r["dist"] for r in rows}):
+        pts = []
+        for kk in sorted({r["k"] for r in rows}):
+            b = best(rows, dist=dist, k=kk, cache_lambda=top["cache_lambda"])
+            if b is not None:
+                pts.append((kk, b["ppl"]))
+        ax.plot(*zip(*pts), marker="o", label=f"{dist} (λ, T tuned per k)")
+    if base is not None:
+        ax.axhline(base["ppl"], color="gray", ls="--", label=f"base LM {base['ppl']:.2f}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("k (neighbours)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{label} perplexity vs k".strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    p = out_dir / "ppl_vs_k.png"
+    fig.savefig(p, dpi=120)
+    plt.close(fig)
+    written.append(p)
+    return written
+
+
+def cli_main(argv: Optional[list[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    nb = load_neighbors(args.neighbors)
+    kmax = int(nb.meta["k"])
+    ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
+    rows: list[dict[str, Any]] = []
+    for dist in args.dists.split(","):
+        rows += sweep(nb, args.lambdas, ks, args.temps, dist=dist,
+                      cache_lambdas=args.cache_lambdas)
+    rows.sort(key=lambda r: r["ppl"])
+    base = best(rows, **{"lambda": 0.0, "cache_lambda": 0.0})
+    summary = {"n_tokens": nb.n, "base": base, "best": rows[0],
+               "best_per_dist": {d: best(rows, dist=d) for d in args.dists.split(",")},
+               "best_without_cache": best(rows, cache_lambda=0.0)}
+    print(f"{nb.n} tokens; base LM ppl {base['ppl']:.3f}" if base else f"{nb.n} tokens")
+    print(f"{'dist':>8} {'T':>6} {'k':>5} {'lambda':>6} {'cache':>6} {'ppl':>9}")
+    for r in rows[:10]:
+        print(f"{r['dist']:>8} {r['temperature']:>6g} {r['k']:>5} {r['lambda']:>6g} "
+              f"{r['cache_lambda']:>6g} {r['ppl']:>9.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**summary, "rows": rows}, indent=1))
+    if args.plot_dir:
+        for p in plot(rows, Path(args.plot_dir), args.label):
+            print(f"wrote {p}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())
