@@ -10,7 +10,8 @@ FAISS could not fill (id -1) are masked out, never read as the datastore's last 
 from __future__ import annotations
 
 import math
-from typing import Optional
+import warnings
+from typing import Optional, Union
 
 import numpy as np
 import torch
@@ -61,47 +62,48 @@ def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> 
     return torch.logaddexp(lm + math.log(1.0 - lmbda), knn_logp.float() + math.log(lmbda))
 
 
-def gather_rows(keys: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Read the rows ``ids`` of a (possibly memory-mapped) key array with sorted, de-duplicated
-    reads; return (unique_rows, inverse) so that keys[ids] == unique_rows[inverse]."""
-    flat = ids.reshape(-1)
-    uniq, inverse = np.unique(flat, return_inverse=True)
-    rows = keys[uniq]  # sorted fancy index: sequential-ish page access on a memmap
-    return rows, inverse.reshape(ids.shape)
+def as_tensor(keys: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+    """A torch view of a key array without copying (memmaps stay memory-mapped)."""
+    if isinstance(keys, torch.Tensor):
+        return keys
+    with warnings.catch_warnings():  # read-only memmap: we never write through the view
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(np.asarray(keys))
 
 
 def recompute_distances(
     queries: torch.Tensor,
-    ids: np.ndarray,
-    keys: np.ndarray,
+    ids: Union[np.ndarray, torch.Tensor],
+    keys: Union[np.ndarray, torch.Tensor],
     sim_func: str = "l2",
-    block_bytes: int = 1 << 28,
+    block_bytes: int = 1 << 27,
 ) -> torch.Tensor:
     """Exact d(k_i, q) for the neighbours ``ids`` (n, k) from the full-precision keys.
 
-    'l2' gives squared L2 and 'dot' gives the negated inner product (so smaller is closer in
-    both). Keys are gathered (fp16 upcast to fp32) in blocks of queries that hold at most
-    about ``block_bytes`` of gathered keys. -1 ids yield +inf.
+    'l2' gives squared L2 and 'dot' the negated inner product (smaller is closer in both).
+    Rows are gathered with one multi-threaded index_select per block of queries (at most
+    ~``block_bytes`` of float32 rows) and upcast to float32 before any arithmetic, so fp16
+    keys lose nothing. -1 ids give +inf.
     """
     if sim_func not in ("l2", "dot"):
         raise ValueError(f"recompute_distances: sim_func must be 'l2' or 'dot', got {sim_func!r}")
-    n, k = ids.shape
-    d = keys.shape[1]
-    out = torch.empty((n, k), dtype=torch.float32, device=queries.device)
+    kt = as_tensor(keys)
+    ids_t = torch.as_tensor(ids)
+    n, k = ids_t.shape
+    d = kt.shape[1]
+    out = torch.empty((n, k), dtype=torch.float32)
     step = max(1, block_bytes // max(1, k * d * 4))
-    q_all = queries.float()
+    q_all = queries.detach().float().cpu()
+    valid = ids_t >= 0
+    safe = ids_t.clamp_min(0)
     for s in range(0, n, step):
         e = min(n, s + step)
-        blk = ids[s:e]
-        valid = blk >= 0
-        rows, inv = gather_rows(keys, np.where(valid, blk, 0))
-        nb = torch.from_numpy(np.asarray(rows, dtype=np.float32)).to(queries.device)
-        nb = nb[torch.from_numpy(inv).to(queries.device)]  # (b, k, d)
-        q = q_all[s:e].unsqueeze(1)
+        rows = kt.index_select(0, safe[s:e].reshape(-1)).float().view(e - s, k, d)
+        q = q_all[s:e]
         if sim_func == "l2":
-            dist = (nb - q).pow_(2).sum(-1)
+            dist = torch.linalg.vector_norm(rows.sub_(q.unsqueeze(1)), dim=-1).square_()
         else:
-            dist = -(nb * q).sum(-1)
-        dist.masked_fill_(~torch.from_numpy(valid).to(queries.device), float("inf"))
+            dist = -torch.bmm(rows, q.unsqueeze(-1)).squeeze(-1)
         out[s:e] = dist
-    return out
+    out.masked_fill_(~valid, float("inf"))
+    return out.to(queries.device)

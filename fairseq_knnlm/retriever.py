@@ -8,6 +8,8 @@ retrieved, which the offline-sweep writer can save.
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -65,13 +67,16 @@ class KNNRetriever:
         self.index = load_index(index_path, probe=probe, gpu=gpu, mmap=mmap_index)
         # values as one contiguous int64 tensor: gathers by id are then one indexing op
         self.vals = torch.from_numpy(np.asarray(self.ds.vals[:, 0], dtype=np.int64))
+        self.timing: dict[str, float] = defaultdict(float)  # seconds per stage, for profiling
         logger.info("kNN-LM datastore %s: %d entries, dim %d, key type %s; index %s (%s)",
                     self.ds.prefix, self.ds.size, self.ds.dim, self.ds.meta.keytype, index_path,
                     self.record.get("settings", {}).get("index_type"))
 
     def retrieve(self, queries: torch.Tensor) -> Retrieved:
+        t0 = time.perf_counter()
         q = queries.detach().float()
         fd, ids = search(self.index, q.cpu().numpy(), self.k)
+        t1 = time.perf_counter()
         valid_np = ids >= 0
         if self.sim_func == "faiss_l2":
             dists = torch.from_numpy(np.where(valid_np, fd, np.inf).astype(np.float32))
@@ -79,8 +84,13 @@ class KNNRetriever:
         else:
             assert self.ds.keys is not None
             dists = recompute_distances(q, ids, self.ds.keys, self.sim_func)
+        t2 = time.perf_counter()
         safe = torch.from_numpy(np.where(valid_np, ids, 0))
         nbr_vals = self.vals[safe].masked_fill(torch.from_numpy(~valid_np), -1)
+        self.timing["faiss_search"] += t1 - t0
+        self.timing["exact_distances"] += t2 - t1
+        self.timing["gather_values"] += time.perf_counter() - t2
+        self.timing["queries"] += len(q)
         return Retrieved(ids=ids, faiss_dists=fd, dists=dists,
                          nbr_vals=nbr_vals.to(q.device),
                          valid=torch.from_numpy(valid_np).to(q.device))
@@ -89,6 +99,8 @@ class KNNRetriever:
               temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
         """log p_kNN(targets) (n,) in float32, and the retrieval it came from."""
         r = self.retrieve(queries)
+        t0 = time.perf_counter()
         logp = knn_log_prob(r.dists, r.nbr_vals, targets.to(r.dists.device),
-                             temperature or self.temperature, r.valid)
+                            temperature or self.temperature, r.valid)
+        self.timing["knn_softmax"] += time.perf_counter() - t0
         return logp, r

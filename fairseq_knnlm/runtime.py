@@ -262,6 +262,11 @@ class KNNEvalRuntime:
                 sim_func=t.knn_sim_func, temperature=t.knn_temp, lmbda=t.lmbda,
                 cache_theta=t.cache_theta if self.cache else None,
                 cache_length=t.cache_length if self.cache else None)
+        if self.retriever is not None and self.retriever.timing:
+            t = dict(self.retriever.timing)
+            nq = int(t.pop("queries", 0))
+            logger.info("kNN-LM time by stage over %d queries: %s", nq,
+                        ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
         if self.n_scored:
             n = self.n_scored
             logger.info("kNN-LM: %d tokens; LM ppl %.2f -> final ppl %.2f", n,

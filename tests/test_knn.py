@@ -10,7 +10,6 @@ import torch
 
 from fairseq_knnlm.knn import (
     KNN_LOGP_FLOOR,
-    gather_rows,
     interpolate,
     knn_log_prob,
     recompute_distances,
@@ -62,15 +61,8 @@ def test_recompute_distances_fp16_memmap_and_minus_one(tmp_path):
     k32 = keys.astype(np.float32)
     ref = ((k32[ids] - q.numpy()[:, None]) ** 2).sum(-1)
     ok = ids >= 0
-    np.testing.assert_allclose(d.numpy()[ok], ref[ok], rtol=1e-5)
+    np.testing.assert_allclose(d.numpy()[ok], ref[ok], rtol=1e-5, atol=1e-4)
     assert math.isinf(float(d[3, 5]))
     dots = recompute_distances(q, ids, mm, "dot")
     np.testing.assert_allclose(dots.numpy()[ok], -(k32[ids] * q.numpy()[:, None]).sum(-1)[ok],
                                rtol=1e-4, atol=1e-4)
-
-
-def test_gather_rows_dedups():
-    keys = np.arange(20).reshape(10, 2)
-    ids = np.array([[3, 3, 1], [9, 1, 3]])
-    rows, inv = gather_rows(keys, ids)
-    assert len(rows) == 3 and np.array_equal(rows[inv], keys[ids])
