@@ -255,3 +255,20 @@ def open_datastore(
         logger.info("loading %d keys (%.2f GB) into memory", n, n * d * kd.itemsize / 1e9)
         keys = np.ascontiguousarray(keys)
     return Datastore(prefix=prefix, meta=meta, keys=keys, vals=vals, pos=pos)
+
+
+def head_datastore(src: PathLike, dst: PathLike, n: int, chunk: int = 1 << 20) -> DatastoreMeta:
+    """Write the first n rows of datastore ``src`` as a datastore of its own at ``dst`` (for
+    datastore-size ablations: a prefix of the corpus, as in the paper's Figure 2)."""
+    ds = open_datastore(src)
+    if not 0 < n <= ds.size:
+        raise ValueError(f"n must be in [1, {ds.size}], got {n}")
+    assert ds.keys is not None
+    w = DatastoreWriter(dst, ds.dim, ds.meta.key_dtype, initial_capacity=n)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        w.add(ds.keys[s:e], ds.vals[s:e, 0], ds.pos[s:e])
+    fields = {k: v for k, v in asdict(ds.meta).items()
+              if k not in ("size", "dim", "key_dtype", "created", "extra", "val_dtype",
+                           "pos_dtype", "complete", "format_version")}
+    return w.finish(**fields, extra={**ds.meta.extra, "head_of": str(src), "head_rows": n})
