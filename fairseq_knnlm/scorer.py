@@ -1,18 +1,25 @@
 """The sequence scorer that eval-lm uses when the plugin is loaded.
 
-It runs fairseq's own ``SequenceScorer`` (same forward pass, same LM probabilities) and,
-when a kNN-LM run is active, hands the batch to it, which dumps keys and/or replaces each
-hypothesis' ``positional_scores`` by the interpolated log-probabilities. With no active run
-it is exactly the stock scorer.
+With no active kNN-LM run it *is* fairseq's ``SequenceScorer`` (stock results, bit for bit).
+With one, it runs the same forward pass but normalises the LM output only at the scored
+positions (targets that are not pad): ``--context-window`` positions are fed to the model but
+never scored, and fairseq's scorer spends up to half its time building full-vocabulary
+distributions for them. The per-position maths is fairseq's own ``get_normalized_probs``, so
+the LM log-probabilities are the stock ones. The run then dumps keys and/or replaces each
+hypothesis' ``positional_scores`` by the interpolated log-probabilities.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
 from .runtime import active_runtime
+
+DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
 
 
 class KNNSequenceScorer(SequenceScorer):
@@ -22,6 +29,36 @@ class KNNSequenceScorer(SequenceScorer):
             return super().generate(models, sample, **kwargs)
         if len(models) != 1:
             raise ValueError("kNN-LM options do not support ensembles: one model only")
-        hypos = super().generate(models, sample, **kwargs)
+        hypos = self._score_targets_only(models[0], sample)
         rt.process(sample, hypos)
+        return hypos
+
+    @torch.no_grad()
+    def _score_targets_only(self, model: torch.nn.Module, sample: dict) -> list:
+        model.eval()
+        decoder_out = model(**sample["net_input"])
+        target = sample["target"]
+        bsz = target.size(0)
+        starts = sample.get("start_indices", [0] * bsz)
+        mask = target.ne(self.pad)
+        feats = decoder_out[0][mask]  # (n, C or V), scored positions in row-major order
+        tgt = target[mask]
+        rows = self.softmax_batch if self.softmax_batch < 1 << 40 else DEFAULT_SOFTMAX_ROWS
+        lp = feats.new_empty(tgt.shape, dtype=torch.float32)
+        for s in range(0, len(tgt), rows):
+            e = min(len(tgt), s + rows)
+            probs = model.get_normalized_probs(
+                (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
+                sample={"target": tgt[s:e].unsqueeze(0)})
+            lp[s:e] = probs[0].gather(-1, tgt[s:e].unsqueeze(-1)).squeeze(-1).float()
+        hypos, o = [], 0
+        for i in range(bsz):
+            ref = utils.strip_pad(target[i, starts[i]:], self.pad)
+            n = ref.numel()
+            if int(mask[i].sum()) != n or (n and not bool(mask[i, starts[i]:starts[i] + n].all())):
+                raise RuntimeError("scored positions of a row are not one contiguous span")
+            scores = lp[o:o + n]
+            o += n
+            hypos.append([{"tokens": ref, "score": scores.sum() / max(1, n), "attention": None,
+                           "alignment": None, "positional_scores": scores}])
         return hypos
