@@ -130,8 +130,13 @@ def mix(lm_logp: np.ndarray, other_logp: np.ndarray, lmbda: float) -> np.ndarray
     return np.logaddexp(lm_logp + math.log(1 - lmbda), other_logp + math.log(lmbda))
 
 
+def ppl_from_nll(mean_nll: float) -> float:
+    """exp(mean NLL), inf past float range (lambda = 1 with missing targets hits the floor)."""
+    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+
+
 def perplexity(logp: np.ndarray) -> float:
-    return float(np.exp(-np.mean(logp)))
+    return ppl_from_nll(float(-np.mean(logp)))
 
 
 def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
@@ -167,7 +172,7 @@ def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
                         lp = base if cl == 0 or cache is None else mix(base, cache[s:e], cl)
                         sums[(T, kk, lam, cl)] = sums.get((T, kk, lam, cl), 0.0) + float(lp.sum())
     rows = [{"temperature": T, "k": kk, "lambda": lam, "cache_lambda": cl, "dist": dist,
-             "ppl": math.exp(-v / n)} for (T, kk, lam, cl), v in sums.items()]
+             "ppl": ppl_from_nll(-v / n)} for (T, kk, lam, cl), v in sums.items()]
     rows.sort(key=lambda r: r["ppl"])
     return rows
 
