@@ -33,7 +33,10 @@ def ints(s: str) -> list[int]:
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnlm-sweep", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("neighbors", help="prefix given to --knn-save-neighbors")
+    p.add_argument("neighbors", nargs="?", default=None,
+                   help="prefix given to --knn-save-neighbors")
+    p.add_argument("--from-json", default=None,
+                   help="re-plot / re-print the rows of an earlier --json instead of sweeping")
     p.add_argument("--lambdas", type=floats, default=floats(
         "0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9"), help="comma list")
     p.add_argument("--ks", type=ints, default=None,
@@ -53,13 +56,14 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
     import matplotlib
 
     matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     import matplotlib.pyplot as plt
 
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     top = best(rows, cache_lambda=0.0) or best(rows)
     assert top is not None
-    base = best(rows, **{"lambda": 0.0})
+    base = best(rows, **{"lambda": 0.0, "cache_lambda": 0.0})
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for dist in sorted({r["dist"] for r in rows}):
         t = best(rows, dist=dist, cache_lambda=top["cache_lambda"])
@@ -106,24 +110,33 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
-    nb = load_neighbors(args.neighbors)
-    kmax = int(nb.meta["k"])
-    ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
     rows: list[dict[str, Any]] = []
-    for dist in args.dists.split(","):
-        rows += sweep(nb, args.lambdas, ks, args.temps, dist=dist,
-                      cache_lambdas=args.cache_lambdas)
+    if args.from_json:
+        old = json.loads(Path(args.from_json).read_text())
+        rows, n_tokens = old["rows"], old["n_tokens"]
+        args.dists = ",".join(sorted({r["dist"] for r in rows}))
+    elif args.neighbors:
+        nb = load_neighbors(args.neighbors)
+        n_tokens = nb.n
+        kmax = int(nb.meta["k"])
+        ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
+        for dist in args.dists.split(","):
+            rows += sweep(nb, args.lambdas, ks, args.temps, dist=dist,
+                          cache_lambdas=args.cache_lambdas)
+    else:
+        print("knnlm-sweep: error: give a neighbours prefix or --from-json", file=sys.stderr)
+        return 2
     rows.sort(key=lambda r: r["ppl"])
     base = best(rows, **{"lambda": 0.0, "cache_lambda": 0.0})
-    summary = {"n_tokens": nb.n, "base": base, "best": rows[0],
+    summary = {"n_tokens": n_tokens, "base": base, "best": rows[0],
                "best_per_dist": {d: best(rows, dist=d) for d in args.dists.split(",")},
                "best_without_cache": best(rows, cache_lambda=0.0)}
-    print(f"{nb.n} tokens; base LM ppl {base['ppl']:.3f}" if base else f"{nb.n} tokens")
+    print(f"{n_tokens} tokens; base LM ppl {base['ppl']:.3f}" if base else f"{n_tokens} tokens")
     print(f"{'dist':>8} {'T':>6} {'k':>5} {'lambda':>6} {'cache':>6} {'ppl':>9}")
     for r in rows[:10]:
         print(f"{r['dist']:>8} {r['temperature']:>6g} {r['k']:>5} {r['lambda']:>6g} "
               f"{r['cache_lambda']:>6g} {r['ppl']:>9.3f}")
-    if args.json:
+    if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**summary, "rows": rows}, indent=1))
     if args.plot_dir:
