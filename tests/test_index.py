@@ -101,3 +101,13 @@ def test_bad_inputs(synth, tmp_path):
 def test_small_datastore_gets_fewer_centroids(caplog):
     s = check_settings(IndexSettings(ncentroids=4096, code_size=8), 20000, 32)
     assert s.ncentroids == 512 and "using --ncentroids 512" in caplog.text
+
+
+def test_memory_mapped_index_gives_the_same_results(synth):
+    d, _, q = synth
+    s = IndexSettings(index_type="ivfpq", ncentroids=32, code_size=8, train_size=5000)
+    if not (d / "full.index").exists():
+        build_index(d / "ds", d / "full.index", s, add_chunk=2500, progress=False)
+    a = search(load_index(d / "full.index", probe=8), q, 20)
+    b = search(load_index(d / "full.index", probe=8, mmap=True), q, 20)
+    assert np.array_equal(a[1], b[1])
