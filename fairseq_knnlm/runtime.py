@@ -23,7 +23,7 @@ import torch
 from .cache import cache_log_prob, interpolate_cache, next_tokens
 from .datastore import DatastoreError, DatastoreWriter, dictionary_sha256, sha256_file
 from .hooks import KeyCapture, parse_keytype
-from .knn import interpolate
+from .knn import interpolate, recompute_distances
 from .retriever import KNNRetriever
 from .sweep import NeighborWriter
 
@@ -223,8 +223,6 @@ class KNNEvalRuntime:
             if self.retriever is not None and self.retriever.ds.keys is not None:
                 l2 = retrieved.dists if self.retriever.sim_func == "l2" else None
                 if l2 is None:
-                    from .knn import recompute_distances
-
                     l2 = recompute_distances(queries, retrieved.ids, self.retriever.ds.keys)
                 rows["l2_dists"] = l2.cpu().numpy()
             if cache_lp is not None:
