@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -247,3 +248,18 @@ def test_saved_neighbors_reproduce_online_scores(tiny, dstore):
     assert {r["k"] for r in summary["rows"]} == {1, 2, 4, 8, 16, 32}
     assert (plots / "ppl_vs_lambda.png").stat().st_size > 1000
     assert (plots / "ppl_vs_k.png").stat().st_size > 1000
+
+
+def test_output_word_probs_reflect_interpolation(tiny, dstore, caplog):
+    """--output-word-probs prints the per-word log-probs eval-lm reads: the interpolated ones."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="fairseq_cli.eval_lm")
+    res = eval_lm_inprocess(eval_args(tiny, "test", "--output-word-probs",
+                                      *_knn_args(dstore, "--k", "16", "--lmbda", "0.5")))
+    lines = [r.getMessage() for r in caplog.records if re.match(r"\d+ ", r.getMessage())]
+    words = [float(x) for line in lines for x in re.findall(r" \[(-?[0-9.]+)\]", line)]
+    assert words, "no word probabilities printed"
+    # eval-lm's loss is the mean of exactly these per-word log-probs (natural log, base 2)
+    mean_nll_bits = -sum(words) / len(words) / math.log(2)
+    assert mean_nll_bits == pytest.approx(res["loss"], abs=1e-3)
