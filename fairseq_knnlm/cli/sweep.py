@@ -51,6 +51,21 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _save(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
+    """Label a perplexity plot, write it as a PNG and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity")
+    ax.set_title(title.strip())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Path]:
     """ppl vs lambda at the best (T, k), and ppl vs k at the best (T, lambda) for each k."""
     import matplotlib
@@ -73,16 +88,8 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
                      r["k"] == t["k"] and r["temperature"] == t["temperature"] and
                      r["cache_lambda"] == t["cache_lambda"])
         ax.plot(*zip(*pts), marker="o", label=f"{dist}, k={t['k']}, T={t['temperature']:g}")
-    ax.set_xlabel("λ (kNN weight)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{label} perplexity vs λ".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / "ppl_vs_lambda.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(fig, ax, "λ (kNN weight)", f"{label} perplexity vs λ",
+                         out_dir / "ppl_vs_lambda.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for dist in sorted({r["dist"] for r in rows}):
         pts = []
@@ -94,16 +101,8 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
     if base is not None:
         ax.axhline(base["ppl"], color="gray", ls="--", label=f"base LM {base['ppl']:.2f}")
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("k (neighbours)")
-    ax.set_ylabel("perplexity")
-    ax.set_title(f"{label} perplexity vs k".strip())
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    p = out_dir / "ppl_vs_k.png"
-    fig.savefig(p, dpi=120)
-    plt.close(fig)
-    written.append(p)
+    written.append(_save(fig, ax, "k (neighbours)", f"{label} perplexity vs k",
+                         out_dir / "ppl_vs_k.png"))
     return written
 
 
