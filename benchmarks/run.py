@@ -30,7 +30,7 @@ BIN = Path(sys.executable).parent
 
 
 _WRAP = (
-    "import os, resource, sys, subprocess\n"
+    "import os, sys, subprocess\n"
     "p = subprocess.Popen(sys.argv[1:])\n"
     "_, status, ru = os.wait4(p.pid, 0)\n"
     "print(f'BENCH_MAXRSS_KB {ru.ru_maxrss}', flush=True)\n"

@@ -108,7 +108,7 @@ class KNNEvalRuntime:
         self.nbr_writer: Optional[NeighborWriter] = None
         self._offsets: Optional[np.ndarray] = None
         self.n_scored = 0
-        self.sum_logp = {"lm": 0.0, "knn": 0.0, "final": 0.0}
+        self.sum_logp = {"lm": 0.0, "final": 0.0}
 
     # ---- binding (called from the task's build_model) ----
     def bind(self, task: Any, model: torch.nn.Module) -> None:
@@ -201,7 +201,6 @@ class KNNEvalRuntime:
         if self.retriever is not None:
             knn_lp, retrieved = self.retriever.score(queries, targets)
             final = interpolate(lm, knn_lp.to(lm.device), self.task_cfg.lmbda)
-            self.sum_logp["knn"] += float(knn_lp.clamp_min(-1e4).sum())
         cache_lp = None
         if self.cache:
             src, tgt = sample["net_input"]["src_tokens"], sample["target"]

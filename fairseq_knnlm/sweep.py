@@ -135,10 +135,6 @@ def ppl_from_nll(mean_nll: float) -> float:
     return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
 
 
-def perplexity(logp: np.ndarray) -> float:
-    return ppl_from_nll(float(-np.mean(logp)))
-
-
 def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
           temperatures: Sequence[float], dist: str = "l2",
           cache_lambdas: Sequence[float] = (0.0,), chunk: int = 32768) -> list[dict[str, Any]]:

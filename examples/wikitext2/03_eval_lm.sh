@@ -3,8 +3,5 @@
 # Run: bash examples/wikitext2/03_eval_lm.sh
 source "$(dirname "$0")/common.sh"
 for split in valid test; do
-  fairseq-eval-lm "$DATA_BIN" --path "$CKPT" --user-dir "$REPO/fairseq_knnlm" \
-    --gen-subset "$split" --tokens-per-sample "$TOKENS_PER_SAMPLE" \
-    --context-window "$CONTEXT_WINDOW" --sample-break-mode none \
-    --max-tokens "$MAX_TOKENS" --cpu --num-workers 0 2>&1 | tee "$LOG_DIR/eval_base_$split.log"
+  fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset "$split" 2>&1 | tee "$LOG_DIR/eval_base_$split.log"
 done

@@ -5,8 +5,6 @@
 source "$(dirname "$0")/common.sh"
 KEYTYPE="${KEYTYPE:-ffn_input_after_ln}"
 if [ -f "${DSTORE}_meta.json" ] && [ -z "${FORCE_DUMP:-}" ]; then echo "$DSTORE exists, skipping"; exit 0; fi
-fairseq-eval-lm "$DATA_BIN" --path "$CKPT" --user-dir "$REPO/fairseq_knnlm" \
-  --gen-subset train --tokens-per-sample "$TOKENS_PER_SAMPLE" --context-window "$CONTEXT_WINDOW" \
-  --sample-break-mode none --max-tokens "$MAX_TOKENS" --cpu --num-workers 0 \
+fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset train \
   --save-knnlm-dstore --dstore-mmap "$DSTORE" --dstore-fp16 --knn-keytype "$KEYTYPE" \
   2>&1 | tee "$LOG_DIR/dump_train.log"

@@ -14,11 +14,8 @@ if [ ! -f "$SH_BIN/test.bin" ]; then
     --testpref "$SH_DIR/raw/test.txt" --destdir "$SH_BIN" --workers 2 \
     2>&1 | tee "$LOG_DIR/shakespeare_preprocess.log" | grep -E "replaced|types"
 fi
-EVAL=(--path "$CKPT" --user-dir "$REPO/fairseq_knnlm" --tokens-per-sample "$TOKENS_PER_SAMPLE"
-      --context-window "$CONTEXT_WINDOW" --sample-break-mode none --max-tokens "$MAX_TOKENS"
-      --cpu --num-workers 0)
 if [ ! -f "${SH_DSTORE}_meta.json" ]; then
-  fairseq-eval-lm "$SH_BIN" "${EVAL[@]}" --gen-subset train --save-knnlm-dstore \
+  fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset train --save-knnlm-dstore \
     --dstore-mmap "$SH_DSTORE" --dstore-fp16 2>&1 | tee "$LOG_DIR/shakespeare_dump.log" | grep -E "Perplexity|datastore"
 fi
 if [ ! -f "$SH_DSTORE.index.meta.json" ]; then
@@ -26,13 +23,13 @@ if [ ! -f "$SH_DSTORE.index.meta.json" ]; then
     2>&1 | tee "$LOG_DIR/shakespeare_index.log" | grep -E "ncentroids|wrote"
 fi
 KNN=(--knnlm --dstore-filename "$SH_DSTORE" --indexfile "$SH_DSTORE.index" --k 1024 --probe 32)
-fairseq-eval-lm "$SH_BIN" "${EVAL[@]}" --gen-subset valid "${KNN[@]}" --lmbda 0.65 \
+fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset valid "${KNN[@]}" --lmbda 0.65 \
   --knn-save-neighbors "$SH_DIR/nbrs/valid" 2>&1 | tee "$LOG_DIR/shakespeare_knn_valid.log" | grep -E "Perplexity"
 knnlm-sweep "$SH_DIR/nbrs/valid" --lambdas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.65,0.7,0.8,0.9,0.95 \
   --temps 1,2,5,10,20,50 --dists l2 --json "$RUN_DIR/sweep_shakespeare_valid.json" \
   --plot-dir "$RUN_DIR/plots/shakespeare_valid" --label "tiny-shakespeare valid" | tee "$LOG_DIR/sweep_shakespeare_valid.log"
 read -r LAM TEMP KB < <(python -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b['lambda'], b['temperature'], b['k'])" "$RUN_DIR/sweep_shakespeare_valid.json")
 echo "tuned on shakespeare valid: lambda=$LAM T=$TEMP k=$KB"
-fairseq-eval-lm "$SH_BIN" "${EVAL[@]}" --gen-subset test 2>&1 | tee "$LOG_DIR/shakespeare_base_test.log" | grep -E "Perplexity"
-fairseq-eval-lm "$SH_BIN" "${EVAL[@]}" --gen-subset test "${KNN[@]}" --k "$KB" --lmbda "$LAM" \
+fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset test 2>&1 | tee "$LOG_DIR/shakespeare_base_test.log" | grep -E "Perplexity"
+fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset test "${KNN[@]}" --k "$KB" --lmbda "$LAM" \
   --knn-temp "$TEMP" 2>&1 | tee "$LOG_DIR/shakespeare_knn_test.log" | grep -E "Perplexity"

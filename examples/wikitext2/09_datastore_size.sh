@@ -18,9 +18,7 @@ for f in $FRACS; do
       2>&1 | tee "$LOG_DIR/index_size_$f.log" | grep -E "ncentroids|wrote"
   fi
   if [ ! -f "$RUN_DIR/nbrs/valid_size_${f}_meta.json" ]; then
-    fairseq-eval-lm "$DATA_BIN" --path "$CKPT" --user-dir "$REPO/fairseq_knnlm" --gen-subset valid \
-      --tokens-per-sample "$TOKENS_PER_SAMPLE" --context-window "$CONTEXT_WINDOW" \
-      --sample-break-mode none --max-tokens "$MAX_TOKENS" --cpu --num-workers 0 \
+    fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset valid \
       --knnlm --dstore-filename "$sub" --indexfile "$sub.index" --k 1024 --probe 32 \
       --knn-save-neighbors "$RUN_DIR/nbrs/valid_size_$f" 2>&1 | tee "$LOG_DIR/knn_valid_size_$f.log" | grep Perplexity
   fi

@@ -23,16 +23,13 @@ PY
     --destdir "$SLICE_BIN" --workers 2 > "$LOG_DIR/keytypes_preprocess.log" 2>&1
   for ext in bin idx; do ln -sf "$DATA_BIN/valid.$ext" "$SLICE_BIN/valid.$ext"; done
 fi
-EVAL=(--path "$CKPT" --user-dir "$REPO/fairseq_knnlm" --tokens-per-sample "$TOKENS_PER_SAMPLE"
-      --context-window "$CONTEXT_WINDOW" --sample-break-mode none --max-tokens "$MAX_TOKENS"
-      --cpu --num-workers 0)
 for kt in $KEYTYPES; do
   ds="$KT_DIR/dstore/$kt"
-  [ -f "${ds}_meta.json" ] || fairseq-eval-lm "$SLICE_BIN" "${EVAL[@]}" --gen-subset train \
+  [ -f "${ds}_meta.json" ] || fairseq-eval-lm "$SLICE_BIN" "${EVAL_FLAGS[@]}" --gen-subset train \
     --save-knnlm-dstore --dstore-mmap "$ds" --dstore-fp16 --knn-keytype "$kt" > "$LOG_DIR/keytype_dump_$kt.log" 2>&1
   [ -f "$ds.index.meta.json" ] || knnlm-build-index --dstore-mmap "$ds" --faiss-index "$ds.index" \
     --no-progress > "$LOG_DIR/keytype_index_$kt.log" 2>&1
-  [ -f "$RUN_DIR/nbrs/valid_keytype_${kt}_meta.json" ] || fairseq-eval-lm "$DATA_BIN" "${EVAL[@]}" \
+  [ -f "$RUN_DIR/nbrs/valid_keytype_${kt}_meta.json" ] || fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" \
     --gen-subset valid --knnlm --dstore-filename "$ds" --indexfile "$ds.index" --k 1024 --probe 32 \
     --knn-keytype "$kt" --knn-save-neighbors "$RUN_DIR/nbrs/valid_keytype_$kt" > "$LOG_DIR/keytype_knn_$kt.log" 2>&1
   echo "$kt: $(grep -oE 'Perplexity: [0-9.]+' "$LOG_DIR/keytype_knn_$kt.log" | tail -1)"

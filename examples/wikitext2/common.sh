@@ -18,5 +18,9 @@ TOKENS_PER_SAMPLE="${TOKENS_PER_SAMPLE:-512}"
 CONTEXT_WINDOW="${CONTEXT_WINDOW:-256}"
 MAX_TOKENS="${MAX_TOKENS:-8192}"                  # eval batch size in tokens
 PY="${PY:-python}"
+# the eval-lm flags every step shares (data, model, context and batching); add the step's own
+EVAL_FLAGS=(--path "$CKPT" --user-dir "$REPO/fairseq_knnlm" --tokens-per-sample "$TOKENS_PER_SAMPLE"
+            --context-window "$CONTEXT_WINDOW" --sample-break-mode none --max-tokens "$MAX_TOKENS"
+            --cpu --num-workers 0)
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 export PYTHONUNBUFFERED=1
