@@ -12,6 +12,9 @@ The arrays keep the authors' raw memmap layout so their tools can read them; the
 is new and is written last: a dump that was killed leaves only ``*.tmp`` files and no meta
 file, so it can never be taken for a finished datastore.
 
+A sharded dump (one datastore per worker) is read as one through PREFIX_manifest.json: see
+shards.py. ``read_meta`` and ``open_datastore`` accept either kind of prefix.
+
 Usage (read side, as the index builder and the scorer do):
 
     ds = open_datastore("runs/wt2/dstore/train")
@@ -32,6 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .memmaps import RowWriter, open_rows, tmp_path, write_json_atomic
+from .shards import ConcatRows, manifest_path, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -187,9 +191,9 @@ class Datastore:
 
     prefix: Path
     meta: DatastoreMeta
-    keys: Optional[np.ndarray]
-    vals: np.ndarray
-    pos: np.ndarray
+    keys: Optional[Any]  # np.ndarray (memmap or in RAM), or ConcatRows for a sharded one
+    vals: Any
+    pos: Any
 
     @property
     def size(self) -> int:
@@ -203,6 +207,8 @@ class Datastore:
 def read_meta(prefix: PathLike) -> DatastoreMeta:
     """Load and sanity-check PREFIX_meta.json, explaining the usual ways it can be missing."""
     mp = meta_path(prefix)
+    if not mp.exists() and manifest_path(prefix).exists():
+        return _manifest_meta(prefix)
     if not mp.exists():
         if tmp_path(keys_path(prefix)).exists():
             raise DatastoreError(
@@ -228,6 +234,43 @@ def read_meta(prefix: PathLike) -> DatastoreMeta:
     return meta
 
 
+def _manifest_meta(prefix: PathLike) -> DatastoreMeta:
+    """The meta of a sharded datastore as a whole, from its manifest."""
+    m = read_manifest(prefix)
+    fields = {f: m[f] for f in DatastoreMeta.__dataclass_fields__ if f in m and f not in (
+        "shard_id", "extra", "format_version")}
+    fields["extra"] = {"shards": m["shards"]}
+    meta = DatastoreMeta(**fields)
+    if meta.key_dtype not in KEY_DTYPES:
+        raise DatastoreError(f"{prefix}: unknown key dtype {meta.key_dtype!r}")
+    return meta
+
+
+def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
+                  keys_in_memory: bool) -> Datastore:
+    shards = []
+    for i, rec in enumerate(meta.extra["shards"]):
+        sp = prefix.parent / rec["prefix"]
+        ds = open_datastore(sp, load_keys=load_keys)
+        if ds.size != rec["size"]:
+            raise DatastoreError(f"{manifest_path(prefix)}: shard {i} ({sp}) has {ds.size} "
+                                 f"entries, the manifest says {rec['size']}; rewrite it with "
+                                 f"knnlm-manifest {prefix}")
+        for f in ("dim", "key_dtype", "keytype", "dict_sha256", "model_sha256"):
+            if getattr(ds.meta, f) != getattr(meta, f):
+                raise DatastoreError(f"{sp}: {f} is {getattr(ds.meta, f)!r}, the manifest says "
+                                     f"{getattr(meta, f)!r}")
+        shards.append(ds)
+    keys: Any = None
+    if load_keys:
+        keys = ConcatRows([s.keys for s in shards])
+        if keys_in_memory:
+            logger.info("loading %d keys from %d shards into memory", meta.size, len(shards))
+            keys = np.concatenate([s.keys for s in shards])
+    return Datastore(prefix=prefix, meta=meta, keys=keys, vals=ConcatRows([s.vals for s in shards]),
+                     pos=ConcatRows([s.pos for s in shards]))
+
+
 def open_datastore(
     prefix: PathLike, load_keys: bool = True, keys_in_memory: bool = False
 ) -> Datastore:
@@ -235,9 +278,12 @@ def open_datastore(
 
     load_keys=False skips the keys (enough for FAISS distances); keys_in_memory=True copies
     them into RAM (the original's --move-dstore-to-mem), otherwise they stay memory-mapped.
+    A sharded datastore (PREFIX_manifest.json) opens as one: its arrays are ConcatRows views.
     """
     prefix = Path(prefix)
     meta = read_meta(prefix)
+    if meta.num_shards > 1 and "shards" in meta.extra:
+        return _open_sharded(prefix, meta, load_keys, keys_in_memory)
     n, d = meta.size, meta.dim
     kd = KEY_DTYPES[meta.key_dtype]
     if np.dtype(meta.val_dtype) != VAL_DTYPE or np.dtype(meta.pos_dtype) != POS_DTYPE:

@@ -16,6 +16,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .shards import ConcatRows
+
 # log p_kNN where no neighbour carries the target: finite, so that lambda = 1 still gives a
 # finite (huge) perplexity instead of inf; the authors' code used the same -10000 mask.
 KNN_LOGP_FLOOR = -10000.0
@@ -71,6 +73,15 @@ def as_tensor(keys: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         return torch.from_numpy(np.asarray(keys))
 
 
+def gather_rows(keys: Union[np.ndarray, torch.Tensor, ConcatRows],
+                flat_ids: torch.Tensor) -> torch.Tensor:
+    """keys[flat_ids] as a tensor in the keys' dtype. Memmapped keys are read row by row
+    (only the rows asked for); a sharded datastore's keys are read shard by shard, sorted."""
+    if isinstance(keys, ConcatRows):
+        return torch.from_numpy(keys[flat_ids.cpu().numpy()])
+    return as_tensor(keys).index_select(0, flat_ids)
+
+
 def recompute_distances(
     queries: torch.Tensor,
     ids: Union[np.ndarray, torch.Tensor],
@@ -87,7 +98,7 @@ def recompute_distances(
     """
     if sim_func not in ("l2", "dot"):
         raise ValueError(f"recompute_distances: sim_func must be 'l2' or 'dot', got {sim_func!r}")
-    kt = as_tensor(keys)
+    kt = keys if isinstance(keys, ConcatRows) else as_tensor(keys)
     ids_t = torch.as_tensor(ids)
     n, k = ids_t.shape
     d = kt.shape[1]
@@ -98,7 +109,7 @@ def recompute_distances(
     safe = ids_t.clamp_min(0)
     for s in range(0, n, step):
         e = min(n, s + step)
-        rows = kt.index_select(0, safe[s:e].reshape(-1)).float().view(e - s, k, d)
+        rows = gather_rows(kt, safe[s:e].reshape(-1)).float().view(e - s, k, d)
         q = q_all[s:e]
         if sim_func == "l2":
             dist = torch.linalg.vector_norm(rows.sub_(q.unsqueeze(1)), dim=-1).square_()

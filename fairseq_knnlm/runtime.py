@@ -25,6 +25,7 @@ from .datastore import DatastoreError, DatastoreWriter, dictionary_sha256, sha25
 from .hooks import KeyCapture, parse_keytype
 from .knn import interpolate, recompute_distances
 from .retriever import KNNRetriever
+from .shards import shard_prefix, try_write_manifest
 from .sweep import NeighborWriter
 
 logger = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class KNNEvalRuntime:
         if self.dump:
             prefix = self.task_cfg.dstore_mmap
             if self.num_shards > 1:
-                prefix = f"{prefix}_shard{self.shard_id}of{self.num_shards}"
+                prefix = str(shard_prefix(prefix, self.shard_id, self.num_shards))
             self.writer = DatastoreWriter(prefix, self.capture.dim,
                                           "float16" if self.task_cfg.dstore_fp16 else "float32")
             self.dstore_prefix = prefix
@@ -251,6 +252,8 @@ class KNNEvalRuntime:
                 plugin_version=plugin_version, shard_id=self.shard_id,
                 num_shards=self.num_shards)
             logger.info("wrote datastore %s: %d entries", self.dstore_prefix, meta.size)
+            if self.num_shards > 1:  # the last shard to finish ties them together
+                try_write_manifest(self.task_cfg.dstore_mmap, self.num_shards)
         if self.nbr_writer is not None and self.retriever is not None:
             t = self.task_cfg
             self.nbr_writer.finish(

@@ -3,19 +3,29 @@
 Stock ``fairseq-eval-lm`` (no ``--task`` flag) builds the ``language_modeling`` task, so the
 plugin registers this subclass under that same name: its dataclass adds the kNN-LM flags
 (``--knnlm``, ``--save-knnlm-dstore``, ...) to ``--help`` and to hydra, all off by default,
-and ``build_model`` hands the model to an active kNN-LM run, if any. Nothing else changes:
-with the options off, training and evaluation are the stock ones.
+and ``build_model`` hands the model to an active kNN-LM run, if any. During a kNN-LM run
+with several shards (``--num-shards``/``--shard-id`` or ``--distributed-world-size``),
+``eval_lm_dataloader`` gives each shard a contiguous run of blocks, each block behind its
+true left context (fairseq deals batches round-robin, which gives the first block of each
+batch another batch's context). Nothing else changes: with the options off, training and
+evaluation are the stock ones.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Optional
 
+import numpy as np
+from fairseq.data import FairseqDataset, LMContextWindowDataset
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
 from .config import KNNLanguageModelingConfig
 from .runtime import active_runtime
+from .shards import contiguous_range, left_context
+
+logger = logging.getLogger(__name__)
 
 TASK_NAME = "language_modeling"
 
@@ -29,6 +39,61 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         if rt is not None:
             rt.bind(self, model)
         return model
+
+    def eval_lm_dataloader(self, dataset: Any, max_tokens: Optional[int] = 36000,
+                           batch_size: Optional[int] = None, max_positions: Any = None,
+                           num_shards: int = 1, shard_id: int = 0, num_workers: int = 1,
+                           data_buffer_size: int = 10, context_window: int = 0) -> Any:
+        if num_shards <= 1 or active_runtime() is None:
+            return super().eval_lm_dataloader(
+                dataset, max_tokens=max_tokens, batch_size=batch_size,
+                max_positions=max_positions, num_shards=num_shards, shard_id=shard_id,
+                num_workers=num_workers, data_buffer_size=data_buffer_size,
+                context_window=context_window)
+        lo, hi = contiguous_range(len(dataset), num_shards, shard_id)
+        logger.info("shard %d of %d: blocks [%d, %d) of %d", shard_id, num_shards, lo, hi,
+                    len(dataset))
+        if context_window > 0:
+            pad = self.source_dictionary.pad()
+            wrapped = LMContextWindowDataset(dataset, tokens_per_sample=self.args.tokens_per_sample,
+                                             context_window=context_window, pad_idx=pad)
+            before, j = [], lo - 1
+            while j >= 0 and sum(len(b) for b in before) < context_window:
+                before.insert(0, dataset[j]["source"].numpy())
+                j -= 1
+            wrapped.prev_tokens = left_context(before, context_window, pad)
+            dataset = wrapped
+        return self.get_batch_iterator(
+            dataset=_ItemRange(dataset, lo, hi), max_tokens=max_tokens,
+            max_sentences=batch_size, max_positions=max_positions, ignore_invalid_inputs=True,
+            num_shards=1, shard_id=0, num_workers=num_workers,
+            data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)
+
+
+class _ItemRange(FairseqDataset):
+    """Items [lo, hi) of a dataset, in order; items keep their global ids (``sample['id']``),
+    so the dump's position map stays in the whole split's coordinates."""
+
+    def __init__(self, dataset: Any, lo: int, hi: int) -> None:
+        self.dataset, self.lo, self.hi = dataset, lo, hi
+
+    def __getitem__(self, index: int) -> Any:
+        return self.dataset[self.lo + index]
+
+    def __len__(self) -> int:
+        return self.hi - self.lo
+
+    def collater(self, samples: list) -> Any:
+        return self.dataset.collater(samples)
+
+    def num_tokens(self, index: int) -> int:
+        return self.dataset.num_tokens(self.lo + index)
+
+    def size(self, index: int) -> Any:
+        return self.dataset.size(self.lo + index)
+
+    def ordered_indices(self) -> np.ndarray:
+        return np.arange(len(self))
 
 
 def register() -> None:

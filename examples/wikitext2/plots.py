@@ -4,6 +4,7 @@
         --fracs "0.1 0.25 0.5 1.0"
     python examples/wikitext2/plots.py lambda-domains --run-dir runs/wikitext2
     python examples/wikitext2/plots.py keytypes --run-dir runs/wikitext2 --keytypes "a b c"
+    python examples/wikitext2/plots.py flat-vs-ivfpq --run-dir runs/wikitext2
 """
 
 from __future__ import annotations
@@ -103,10 +104,44 @@ def keytypes(rd: Path, names: list[str]) -> None:
     (rd / "keytypes.md").write_text(text + "\n")
 
 
+def flat_vs_ivfpq(rd: Path) -> None:
+    """Step 11: flat (exact) search vs IVFPQ on the same datastore and queries, with recall."""
+    import numpy as np
+
+    flat = load_neighbors(rd / "nbrs" / "valid_flat")
+    ivf = load_neighbors(rd / "nbrs" / "valid_keytype_ffn_input_after_ln")
+    assert flat.n == ivf.n, (flat.n, ivf.n)
+    k = int(flat.meta["k"])
+    # recall@k of IVFPQ against exact search, in blocks (rows are k ids each)
+    hits = 0
+    for s in range(0, flat.n, 4096):
+        f, i = flat.arrays["ids"][s:s + 4096], ivf.arrays["ids"][s:s + 4096]
+        i = np.where(i < 0, -1 - np.arange(k), i)  # missing (-1) results must not pair up
+        both = np.concatenate([np.sort(f, 1), np.sort(i, 1)], 1)
+        both.sort(1)
+        hits += int((both[:, 1:] == both[:, :-1]).sum())  # ids are unique within a row
+    recall = hits / (flat.n * k)
+    lines = ["| search | distances | valid-slice ppl (tuned λ, T) | λ | T |",
+             "|---|---|---|---|---|"]
+    base = None
+    for name, nb in (("flat (exact)", flat), ("IVFPQ, probe 32", ivf)):
+        for dist, label in (("l2", "exact L2 from stored keys"), ("faiss_l2", "FAISS's own")):
+            rows = sweep(nb, LAMBDAS, [k], TEMPS, dist=dist)
+            b, base = best(rows), best(rows, **{"lambda": 0.0})
+            lines.append(f"| {name} | {label} | {b['ppl']:.2f} | {b['lambda']:g} | "
+                         f"{b['temperature']:g} |")
+    lines.insert(2, f"| none (base LM) | | {base['ppl']:.2f} | 0 | - |")
+    lines.append(f"\nrecall@{k} of IVFPQ (probe 32) against flat search: {recall:.3f}")
+    text = "\n".join(lines)
+    print(text)
+    (rd / "flat_vs_ivfpq.md").write_text(text + "\n")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["datastore-size", "lambda-domains", "keytypes"])
+    p.add_argument("what",
+                   choices=["datastore-size", "lambda-domains", "keytypes", "flat-vs-ivfpq"])
     p.add_argument("--run-dir", required=True)
     p.add_argument("--fracs", default="0.1 0.25 0.5 1.0")
     p.add_argument("--keytypes", default="")
@@ -116,8 +151,10 @@ def main() -> None:
         datastore_size(rd, [float(x) for x in a.fracs.split()])
     elif a.what == "lambda-domains":
         lambda_domains(rd)
-    else:
+    elif a.what == "keytypes":
         keytypes(rd, a.keytypes.split())
+    else:
+        flat_vs_ivfpq(rd)
 
 
 if __name__ == "__main__":
