@@ -10,6 +10,14 @@ Files next to INDEX:
     INDEX.trained       the trained, empty index (kept: shard-wise builds reuse it)
     INDEX.partial(.json) the last checkpoint of an interrupted build (removed when done)
 
+On-disk build (``build_index_ondisk``, ``knnlm-build-index --on-disk``) for datastores whose
+index does not fit in RAM: train once, add each range of rows (``--add-shard-size``) to its
+own IVF index in a worker process (``--workers``), then merge the inverted lists into one
+``OnDiskInvertedLists`` file with faiss.contrib.ondisk.merge_ondisk:
+    INDEX               the index: quantizer + PQ tables; lists live in INDEX.ivfdata
+    INDEX.ivfdata       the merged inverted lists, memory-mapped at query time
+    INDEX.parts/        the per-range indexes (kept until the merge is done: resumable)
+
 CLI: ``knnlm-build-index --dstore-mmap PREFIX --faiss-index PREFIX.index`` (cli/build_index.py).
 """
 
@@ -156,8 +164,17 @@ def require_gpu() -> None:
             " (pip install 'fairseq-knnlm[gpu]' on a CUDA machine)")
 
 
-def _to_gpu(index: Any) -> Any:
+def _to_gpu(index: Any, all_gpus: bool = False) -> Any:
+    """A GPU copy of the index: on GPU 0, or (all_gpus, more than one visible) split over
+    every GPU with faiss's IndexShards, each GPU holding 1/N of the vectors."""
     faiss = _faiss()
+    ngpu = faiss.get_num_gpus()
+    if all_gpus and ngpu > 1:
+        co = faiss.GpuMultipleClonerOptions()
+        co.useFloat16 = True
+        co.shard = True  # IndexShards rather than replicas: the index need not fit one GPU
+        logger.info("sharding the index over %d GPUs", ngpu)
+        return faiss.index_cpu_to_all_gpus(index, co, ngpu=ngpu)
     res = faiss.StandardGpuResources()
     co = faiss.GpuClonerOptions()
     co.useFloat16 = True  # fp16 lookup tables: needed for 64-byte PQ codes on GPU
@@ -192,6 +209,30 @@ def train_index(ds: Datastore, settings: IndexSettings, gpu: bool = False) -> An
     return index
 
 
+def _trained_index(ds: Datastore, settings: IndexSettings, index_path: Path,
+                   record: dict[str, Any], gpu: bool) -> Any:
+    """INDEX.trained if it was trained from this datastore with these settings, else train
+    (and save) it."""
+    faiss = _faiss()
+    trained = _trained_path(index_path)
+    trained_rec = Path(f"{trained}.json")
+    if trained.exists() and trained_rec.exists() and json.loads(trained_rec.read_text()) == record:
+        logger.info("reusing trained index %s", trained)
+        return faiss.read_index(str(trained))
+    index = train_index(ds, settings, gpu=gpu)
+    _write_index_atomic(index, trained)
+    write_json_atomic(trained_rec, record)
+    return index
+
+
+def _check_output(index_path: Path) -> None:
+    out_dir = index_path.parent if str(index_path.parent) else Path(".")
+    if not out_dir.exists():
+        raise IndexBuildError(f"output folder {out_dir} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise IndexBuildError(f"output folder {out_dir} is not writable")
+
+
 def build_index(
     dstore_prefix: PathLike,
     index_path: PathLike,
@@ -214,11 +255,7 @@ def build_index(
     settings = check_settings(settings, ds.size, ds.dim)
     if gpu:
         require_gpu()
-    out_dir = index_path.parent if str(index_path.parent) else Path(".")
-    if not out_dir.exists():
-        raise IndexBuildError(f"output folder {out_dir} does not exist")
-    if not os.access(out_dir, os.W_OK):
-        raise IndexBuildError(f"output folder {out_dir} is not writable")
+    _check_output(index_path)
     record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}
     fin_meta = meta_path(index_path)
     if fin_meta.exists():
@@ -226,16 +263,7 @@ def build_index(
     faiss = _faiss()
 
     # 1. trained index: reuse a saved one if it was trained with the same settings
-    trained = _trained_path(index_path)
-    trained_rec = Path(f"{trained}.json")
-    index = None
-    if trained.exists() and trained_rec.exists() and json.loads(trained_rec.read_text()) == record:
-        logger.info("reusing trained index %s", trained)
-        index = faiss.read_index(str(trained))
-    if index is None:
-        index = train_index(ds, settings, gpu=gpu)
-        _write_index_atomic(index, trained)
-        write_json_atomic(trained_rec, record)
+    index = _trained_index(ds, settings, index_path, record, gpu)
 
     # 2. resume point
     partial, partial_rec = _partial_path(index_path), Path(f"{_partial_path(index_path)}.json")
@@ -295,6 +323,156 @@ def build_index(
     return index_path
 
 
+def ivfdata_path(index_path: PathLike) -> Path:
+    return Path(f"{index_path}.ivfdata")
+
+
+def parts_dir(index_path: PathLike) -> Path:
+    return Path(f"{index_path}.parts")
+
+
+def add_ranges(ds: Datastore, shard_size: Optional[int]) -> list[tuple[int, int]]:
+    """Row ranges added by separate workers: ``shard_size`` rows each, or (None) the
+    datastore's own shards (one range for an unsharded datastore)."""
+    if shard_size is None:
+        shards = ds.meta.extra.get("shards")
+        sizes = [int(r["size"]) for r in shards] if shards else [ds.size]
+        bounds = np.cumsum([0] + sizes)
+        return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    if shard_size <= 0:
+        raise IndexBuildError(f"--add-shard-size must be positive, got {shard_size}")
+    return [(a, min(ds.size, a + shard_size)) for a in range(0, ds.size, shard_size)]
+
+
+def _add_range_worker(dstore_prefix: str, trained: str, lo: int, hi: int, out: str,
+                      add_chunk: int, threads: int) -> int:
+    """Worker process: add rows [lo, hi) (ids lo..hi-1) to a copy of the trained index."""
+    faiss = _faiss()
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    ds = open_datastore(dstore_prefix)
+    index = faiss.read_index(trained)
+    for a in range(lo, hi, add_chunk):
+        b = min(hi, a + add_chunk)
+        index.add_with_ids(_read_keys(ds, slice(a, b)), np.arange(a, b, dtype=np.int64))
+    _write_index_atomic(index, Path(out))
+    return int(index.ntotal)
+
+
+def build_index_ondisk(
+    dstore_prefix: PathLike,
+    index_path: PathLike,
+    settings: Optional[IndexSettings] = None,
+    shard_size: Optional[int] = 5_000_000,
+    workers: int = 1,
+    add_chunk: int = 500_000,
+    progress: bool = True,
+    keep_parts: bool = False,
+    stop_after_parts: Optional[int] = None,
+) -> Path:
+    """Build INDEX with its inverted lists on disk (INDEX.ivfdata), shard by shard.
+
+    RAM is bounded by the flags, not by the datastore: the training sample (train_size x dim
+    floats), and per worker one chunk of keys (add_chunk x dim floats) plus its range's codes
+    (shard_size x (code_size + 8) bytes). Finished parts survive an interruption: a rerun
+    adds only the missing ones, then merges. stop_after_parts (testing aid) stops, as a crash
+    would, after that many parts are written.
+    """
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    settings = settings or IndexSettings()
+    index_path = Path(index_path)
+    ds = open_datastore(dstore_prefix)
+    settings = check_settings(settings, ds.size, ds.dim)
+    if settings.index_type == "flat":
+        raise IndexBuildError("--on-disk stores IVF inverted lists: use an IVF --index-type "
+                              "(ivfpq, opq-ivfpq, pca-ivfpq), not flat")
+    if workers <= 0:
+        raise IndexBuildError(f"--workers must be positive, got {workers}")
+    _check_output(index_path)
+    ranges = add_ranges(ds, shard_size)
+    record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}
+    fin_meta = meta_path(index_path)
+    if fin_meta.exists():
+        fin_meta.unlink()
+    faiss = _faiss()
+    _trained_index(ds, settings, index_path, record, gpu=False)
+    trained = _trained_path(index_path)
+
+    pdir = parts_dir(index_path)
+    pdir.mkdir(exist_ok=True)
+    plan_rec = {**record, "ranges": ranges}
+    plan_file = pdir / "plan.json"
+    if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(plan_rec)):
+        logger.warning("%s was made for another build: starting its parts again", pdir)
+        for f in pdir.glob("part*.index"):
+            f.unlink()
+    write_json_atomic(plan_file, plan_rec)
+    parts = [pdir / f"part{i:05d}.index" for i in range(len(ranges))]
+    todo = [i for i, f in enumerate(parts) if not f.exists()]
+    if len(todo) < len(parts):
+        logger.info("resuming: %d of %d parts already built", len(parts) - len(todo), len(parts))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    t0 = time.time()
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=ds.size, initial=ds.size - sum(ranges[i][1] - ranges[i][0]
+                                                         for i in todo),
+                   unit="keys", unit_scale=True, desc="add (parts)")
+    done = 0
+    args = [(str(dstore_prefix), str(trained), ranges[i][0], ranges[i][1], str(parts[i]),
+             add_chunk, threads) for i in todo]
+    if workers == 1:
+        results = (_add_range_worker(*a) for a in args)
+        pool = None
+    else:
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        results = (f.result() for f in [pool.submit(_add_range_worker, *a) for a in args])
+    try:
+        for i, n in zip(todo, results):
+            lo, hi = ranges[i]
+            if n != hi - lo:
+                raise IndexBuildError(f"part {i} holds {n} keys, expected {hi - lo}")
+            if bar is not None:
+                bar.update(n)
+            done += 1
+            if stop_after_parts is not None and done >= stop_after_parts and done < len(todo):
+                raise KeyboardInterrupt(f"stopped after {done} parts (stop_after_parts)")
+    finally:
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+    add_time = time.time() - t0
+
+    # merge: the lists of all parts, in range order, into one on-disk file
+    from faiss.contrib.ondisk import merge_ondisk
+
+    t1 = time.time()
+    ivf = ivfdata_path(index_path)
+    if ivf.exists():
+        ivf.unlink()  # a merge that was interrupted: redo it
+    index = faiss.read_index(str(trained))
+    merge_ondisk(index, [str(f) for f in parts], str(ivf.resolve()))
+    if int(index.ntotal) != ds.size:
+        raise IndexBuildError(f"merged index holds {index.ntotal} keys, datastore {ds.size}")
+    _write_index_atomic(index, index_path)
+    write_json_atomic(fin_meta, {**record, "ntotal": int(index.ntotal), "complete": True,
+                                 "on_disk": True, "ivfdata": ivf.name, "parts": len(parts)})
+    if not keep_parts:
+        for f in parts + [plan_file]:
+            f.unlink()
+        pdir.rmdir()
+    logger.info("wrote %s + %s: %d keys in %d parts, added in %.1fs (%.0f keys/s), merged in "
+                "%.1fs", index_path, ivf.name, ds.size, len(parts), add_time,
+                sum(ranges[i][1] - ranges[i][0] for i in todo) / max(1e-9, add_time),
+                time.time() - t1)
+    return index_path
+
+
 def read_index_record(index_path: PathLike) -> dict[str, Any]:
     """The sidecar of a finished index; raises if the index is missing or unfinished."""
     index_path = Path(index_path)
@@ -323,26 +501,43 @@ def check_index_matches(index_path: PathLike, ds: Datastore) -> dict[str, Any]:
 def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
                mmap: bool = False) -> Any:
     """Read an index, set nprobe, optionally memory-map it (IO_FLAG_MMAP: the inverted lists
-    stay on disk) or move it to the GPU."""
+    stay on disk; an on-disk index's lists are always memory-mapped from INDEX.ivfdata) or
+    move it to the GPU(s)."""
     faiss = _faiss()
-    flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
+    mp = meta_path(index_path)
+    on_disk = mp.exists() and bool(json.loads(mp.read_text()).get("on_disk"))
+    if on_disk:
+        # the lists are memory-mapped from INDEX.ivfdata already (IO_FLAG_MMAP would crash
+        # faiss here), found next to INDEX wherever the pair was moved
+        flags = faiss.IO_FLAG_ONDISK_SAME_DIR
+    else:
+        flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
     index = faiss.read_index(str(index_path), flags)
     set_probe(index, probe)
     if gpu:
         require_gpu()
-        index = _to_gpu(index)
+        index = _to_gpu(index, all_gpus=True)
         set_probe(index, probe)
     return index
 
 
 def set_probe(index: Any, probe: int) -> None:
-    """Set nprobe on an IVF index (also under a pre-transform); no-op for flat indexes."""
+    """Set nprobe on an IVF index (also under a pre-transform, on GPU, or sharded over
+    GPUs); no-op for flat indexes."""
     faiss = _faiss()
     try:
         faiss.extract_index_ivf(index).nprobe = probe
+        return
     except (RuntimeError, AttributeError):
-        if hasattr(index, "nprobe"):
-            index.nprobe = probe
+        pass
+    if hasattr(faiss, "GpuParameterSpace") and not hasattr(index, "nprobe"):
+        try:  # IndexShards / IndexReplicas of GPU indexes
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", probe)
+            return
+        except RuntimeError:
+            pass
+    if hasattr(index, "nprobe"):
+        index.nprobe = probe
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

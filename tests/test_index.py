@@ -111,3 +111,50 @@ def test_memory_mapped_index_gives_the_same_results(synth):
     a = search(load_index(d / "full.index", probe=8), q, 20)
     b = search(load_index(d / "full.index", probe=8, mmap=True), q, 20)
     assert np.array_equal(a[1], b[1])
+
+
+def test_ondisk_sharded_build_equals_one_piece(synth, tmp_path):
+    """Parts added in 2 worker processes and merged into OnDiskInvertedLists return the same
+    neighbours and distances as one index built in one piece from the same trained index;
+    the on-disk index still loads after the pair is moved (INDEX.ivfdata found next to it)."""
+    import shutil
+
+    from fairseq_knnlm.index import build_index_ondisk, ivfdata_path, parts_dir
+
+    d, keys, q = synth
+    s = IndexSettings(index_type="ivfpq", ncentroids=64, code_size=8, train_size=20000)
+    one = build_index(d / "ds", tmp_path / "one.index", s, progress=False)
+    shutil.copy(f"{one}.trained", tmp_path / "disk.index.trained")  # the same trained index
+    shutil.copy(f"{one}.trained.json", tmp_path / "disk.index.trained.json")
+    disk = build_index_ondisk(d / "ds", tmp_path / "disk.index", s, shard_size=6000, workers=2,
+                              add_chunk=2500, progress=False)
+    assert ivfdata_path(disk).exists() and not parts_dir(disk).exists()
+    rec = json.loads(meta_path(disk).read_text())
+    assert rec["on_disk"] and rec["parts"] == 4 and rec["ntotal"] == len(keys)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in (disk, ivfdata_path(disk), meta_path(disk)):
+        shutil.move(str(f), moved / f.name)
+    for mmap in (False, True):
+        d1, i1 = search(load_index(one, probe=16), q, 32)
+        d2, i2 = search(load_index(moved / "disk.index", probe=16, mmap=mmap), q, 32)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_allclose(d1, d2, rtol=1e-6)
+
+
+def test_ondisk_build_resumes_after_a_crash(synth, tmp_path):
+    from fairseq_knnlm.index import build_index_ondisk, parts_dir
+
+    d, _, q = synth
+    s = IndexSettings(index_type="ivfpq", ncentroids=64, code_size=8, train_size=20000)
+    with pytest.raises(KeyboardInterrupt):
+        build_index_ondisk(d / "ds", tmp_path / "a.index", s, shard_size=5000,
+                           progress=False, stop_after_parts=2)
+    assert len(list(parts_dir(tmp_path / "a.index").glob("part*.index"))) == 2
+    assert not meta_path(tmp_path / "a.index").exists()  # unfinished: not usable
+    build_index_ondisk(d / "ds", tmp_path / "a.index", s, shard_size=5000, progress=False)
+    build_index_ondisk(d / "ds", tmp_path / "b.index", s, shard_size=5000, progress=False)
+    r = [search(load_index(tmp_path / f"{n}.index", probe=8), q, 16) for n in "ab"]
+    np.testing.assert_array_equal(r[0][1], r[1][1])
+    with pytest.raises(IndexBuildError, match="not flat"):
+        build_index_ondisk(d / "ds", tmp_path / "c.index", IndexSettings(index_type="flat"))
