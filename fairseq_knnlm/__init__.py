@@ -7,11 +7,17 @@ wires the scorer into fairseq-eval-lm; the maths lives in plain modules (datasto
 knn, cache, sweep) that need neither fairseq nor a GPU.
 """
 
-__version__ = "0.1.0"
+import os
 
-try:
-    import fairseq  # noqa: F401
-except ImportError:  # the plain modules work without fairseq
-    pass
-else:
-    from . import eval_lm_patch, task  # noqa: F401  (registration only)
+__version__ = "0.1.0"
+# set by processes that only need the plain modules (index-build workers): importing fairseq
+# and torch costs ~300 MB of RSS per process
+NO_FAIRSEQ_ENV = "FAIRSEQ_KNNLM_NO_FAIRSEQ"
+
+if os.environ.get(NO_FAIRSEQ_ENV) != "1":
+    try:
+        import fairseq  # noqa: F401
+    except ImportError:  # the plain modules work without fairseq
+        pass
+    else:
+        from . import eval_lm_patch, task  # noqa: F401  (registration only)

@@ -34,7 +34,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .datastore import Datastore, DatastoreError, open_datastore
-from .memmaps import write_json_atomic
+from .memmaps import release_pages, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -146,9 +146,22 @@ def sample_train_ids(ntotal: int, train_size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(ntotal, size=n, replace=False))
 
 
-def _read_keys(ds: Datastore, ids_or_slice: Any) -> np.ndarray:
+def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20) -> np.ndarray:
+    """Rows as float32; sorted id arrays are read window by window, releasing the memmap's
+    pages after each, so RSS stays at the rows returned, not the pages touched."""
     assert ds.keys is not None
-    return np.ascontiguousarray(ds.keys[ids_or_slice], dtype=np.float32)
+    if isinstance(ids_or_slice, slice):
+        out = np.ascontiguousarray(ds.keys[ids_or_slice], dtype=np.float32)
+        release_pages(ds.keys)
+        return out
+    ids = np.asarray(ids_or_slice)
+    out = np.empty((len(ids), ds.dim), dtype=np.float32)
+    bounds = np.searchsorted(ids, np.arange(0, ds.size + window, window))
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        if b > a:
+            out[a:b] = ds.keys[ids[a:b]]
+            release_pages(ds.keys)
+    return out
 
 
 def _gpu_available() -> bool:
@@ -429,8 +442,19 @@ def build_index_ondisk(
         results = (_add_range_worker(*a) for a in args)
         pool = None
     else:
+        from . import NO_FAIRSEQ_ENV
+
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
-        results = (f.result() for f in [pool.submit(_add_range_worker, *a) for a in args])
+        old_env = os.environ.get(NO_FAIRSEQ_ENV)
+        os.environ[NO_FAIRSEQ_ENV] = "1"  # workers need faiss and numpy only
+        try:
+            futures = [pool.submit(_add_range_worker, *a) for a in args]
+        finally:
+            if old_env is None:
+                del os.environ[NO_FAIRSEQ_ENV]
+            else:
+                os.environ[NO_FAIRSEQ_ENV] = old_env
+        results = (f.result() for f in futures)
     try:
         for i, n in zip(todo, results):
             lo, hi = ranges[i]

@@ -8,6 +8,7 @@ truncates them to the rows written before renaming ``NAME.tmp`` to ``NAME``.
 from __future__ import annotations
 
 import json
+import mmap
 import os
 from pathlib import Path
 from typing import Union
@@ -15,6 +16,7 @@ from typing import Union
 import numpy as np
 
 PathLike = Union[str, os.PathLike]
+RELEASE_EVERY_BYTES = 256 << 20  # written pages are flushed and dropped from RSS this often
 
 
 def tmp_path(path: PathLike) -> Path:
@@ -43,6 +45,7 @@ class RowWriter:
         self.size = 0
         self.capacity = 0
         self.finished = False
+        self._unreleased = 0
         for path, _, _ in self.specs.values():
             path.parent.mkdir(parents=True, exist_ok=True)
             open(tmp_path(path), "wb").close()
@@ -85,6 +88,12 @@ class RowWriter:
         for name, v in rows.items():
             self._maps[name][self.size:need] = v
         self.size = need
+        self._unreleased += sum(count * self._row_bytes(name) for name in rows)
+        if self._unreleased >= RELEASE_EVERY_BYTES:  # keep RSS bounded on long dumps
+            for m in self._maps.values():
+                m.flush()
+                release_pages(m)
+            self._unreleased = 0
 
     def finish(self) -> int:
         """Truncate to the rows written, fsync, rename into place; returns the row count."""
@@ -121,3 +130,17 @@ def open_rows(path: PathLike, dtype: np.dtype, shape: tuple[int, ...], n: int) -
     if n == 0:
         return np.zeros((0, *shape), dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r", shape=(n, *shape))
+
+
+def release_pages(arr: object) -> None:
+    """Drop a read-only memmap's pages from this process's resident set (they stay in the OS
+    page cache). Pages of a mapped file count in RSS once touched; long sequential or sampled
+    reads call this so that RSS stays bounded by what they hold, not by the file size.
+    Works on ConcatRows too (each part); anything else is left alone."""
+    for part in getattr(arr, "parts", None) or [arr]:
+        mm = getattr(part, "_mmap", None)
+        if isinstance(mm, mmap.mmap) and hasattr(mm, "madvise"):
+            try:
+                mm.madvise(mmap.MADV_DONTNEED)
+            except (OSError, ValueError):
+                pass
