@@ -25,3 +25,10 @@ def test_wikitext103_scale(capsys):
     assert 7e9 < p.index_bytes < 8e9  # 64-byte codes + ids
     assert cli_main(["--tokens", "103227021", "--dim", "1024"]) == 0
     assert "211.4" in capsys.readouterr().out
+
+
+def test_ondisk_build_ram_is_bounded_by_flags_not_size():
+    small, big = plan(50_000_000, 1024), plan(3_000_000_000, 1024)
+    assert small.part_bytes == big.part_bytes and small.chunk_bytes == big.chunk_bytes
+    assert big.part_bytes + big.chunk_bytes < 3e9 < big.index_bytes  # vs 216 GB in one piece
+    assert plan(1000, 48).part_bytes < plan(50_000_000, 48).part_bytes  # small stores: smaller

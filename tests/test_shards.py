@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import BIN, eval_args, eval_lm_inprocess
 
+from fairseq_knnlm.cli.manifest import cli_main as manifest_cli
 from fairseq_knnlm.datastore import DatastoreError, DatastoreWriter, open_datastore
 from fairseq_knnlm.shards import (
     ConcatRows,
@@ -99,7 +100,8 @@ def test_manifest_errors_are_clear(tiny, tmp_path):
         w.finish(keytype="ffn_input_after_ln", shard_id=i, num_shards=2, dict_sha256="d")
     with pytest.raises(DatastoreError, match="shard 0 of 3 is not ready"):
         write_manifest(prefix, 3)
-    write_manifest(prefix, 2)
+    assert manifest_cli([str(prefix), "--num-shards", "3"]) == 2  # the CLI: error, no traceback
+    assert manifest_cli([str(prefix), "--num-shards", "2"]) == 0
     ds = open_datastore(prefix)
     assert ds.size == 6 and list(ds.pos[:]) == list(range(6))
     # a shard that changed after the manifest was written is refused

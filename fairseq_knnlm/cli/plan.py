@@ -5,7 +5,8 @@
 
 Pure arithmetic from the file formats (raw keys, int32 values, int64 positions) and FAISS's
 IVFPQ layout (code_size bytes + an 8-byte id per vector, float32 centroids); model memory
-and FAISS's transient buffers are not included.
+and FAISS's transient buffers are not included. The on-disk rows are for
+``knnlm-build-index --on-disk`` (parts of --add-shard-size rows, --workers processes).
 """
 
 from __future__ import annotations
@@ -26,6 +27,9 @@ class Plan:
     train_sample_ram: float
     index_bytes: float
     keys_ram_if_loaded: float
+    part_bytes: float = 0.0
+    chunk_bytes: float = 0.0
+    workers: int = 1
 
     def rows(self) -> list[tuple[str, str, str]]:
         dstore = self.keys_disk + self.vals_disk + self.pos_disk
@@ -40,8 +44,16 @@ class Plan:
             ("index: add",
              f"RAM {self.index_bytes / GB:,.1f} GB (the index grows in RAM; keys stream from "
              "disk in chunks)", f"disk {self.index_bytes / GB:,.1f} GB for the index file"),
+            ("index: add --on-disk",
+             f"RAM about {self.workers} x {(self.part_bytes + self.chunk_bytes) / GB:,.2f} GB "
+             f"(workers: {self.workers}, each holding one part's codes + one chunk of float32 "
+             "keys); "
+             "independent of the datastore size",
+             f"disk {self.index_bytes / GB:,.1f} GB INDEX.ivfdata (+ as much for the parts "
+             "until the merge)"),
             ("search (eval-lm --knnlm)",
-             f"RAM {self.index_bytes / GB:,.1f} GB index (or mmap it: --knn-mmap-index); "
+             f"RAM {self.index_bytes / GB:,.1f} GB index (or mmap it: --knn-mmap-index; an "
+             "--on-disk index is always mapped, RAM = the lists probed); "
              f"exact L2 reads keys from the {self.keys_disk / GB:,.1f} GB memmap "
              f"(--move-dstore-to-mem: +{self.keys_ram_if_loaded / GB:,.1f} GB RAM)",
              f"GPU (--knn-gpu) about {self.index_bytes / GB:,.1f} GB"),
@@ -49,12 +61,15 @@ class Plan:
 
 
 def plan(tokens: int, dim: int, key_dtype: str = "float16", code_size: int = 64,
-         ncentroids: int = 4096, train_size: int = 1_000_000) -> Plan:
+         ncentroids: int = 4096, train_size: int = 1_000_000, add_shard_size: int = 5_000_000,
+         add_chunk: int = 500_000, workers: int = 1) -> Plan:
     kb = {"float16": 2, "float32": 4}[key_dtype]
     index = tokens * (code_size + 8) + ncentroids * dim * 4
     return Plan(keys_disk=tokens * dim * kb, vals_disk=tokens * 4, pos_disk=tokens * 8,
                 train_sample_ram=min(train_size, tokens) * dim * 4, index_bytes=index,
-                keys_ram_if_loaded=tokens * dim * kb)
+                keys_ram_if_loaded=tokens * dim * kb,
+                part_bytes=min(add_shard_size, tokens) * (code_size + 8) + ncentroids * dim * 4,
+                chunk_bytes=min(add_chunk, tokens) * dim * 4, workers=workers)
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:
@@ -66,8 +81,12 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--code-size", type=int, default=64)
     p.add_argument("--ncentroids", type=int, default=4096)
     p.add_argument("--train-size", type=int, default=1_000_000)
+    p.add_argument("--add-shard-size", type=int, default=5_000_000, help="--on-disk part size")
+    p.add_argument("--num-keys-to-add-at-a-time", type=int, default=500_000)
+    p.add_argument("--workers", type=int, default=1, help="--on-disk worker processes")
     a = p.parse_args(argv)
-    pl = plan(a.tokens, a.dim, a.key_dtype, a.code_size, a.ncentroids, a.train_size)
+    pl = plan(a.tokens, a.dim, a.key_dtype, a.code_size, a.ncentroids, a.train_size,
+              a.add_shard_size, a.num_keys_to_add_at_a_time, a.workers)
     print(f"{a.tokens:,} keys x {a.dim} dims ({a.key_dtype}); IVF{a.ncentroids},PQ{a.code_size}")
     print("| step | needs | also |")
     print("|---|---|---|")
