@@ -92,16 +92,33 @@ def lambda_domains(rd: Path) -> None:
 
 
 def keytypes(rd: Path, names: list[str]) -> None:
-    lines = ["| key type | valid ppl (tuned λ, T) | λ | T |", "|---|---|---|---|"]
+    lines = ["| key type | valid-slice ppl (tuned λ, T) | λ | T |", "|---|---|---|---|"]
     base = None
+    pts = []
     for kt in names:
         b, base = tuned(rd / "nbrs" / f"valid_keytype_{kt}")
+        pts.append((kt, b["ppl"]))
         lines.append(f"| {kt} | {b['ppl']:.2f} | {b['lambda']:g} | {b['temperature']:g} |")
     if base is not None:
         lines.insert(2, f"| none (base LM) | {base['ppl']:.2f} | 0 | - |")
     text = "\n".join(lines)
     print(text)
     (rd / "keytypes.md").write_text(text + "\n")
+    if base is None:
+        return
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    ax.barh([kt for kt, _ in pts][::-1], [p for _, p in pts][::-1], color="tab:blue")
+    ax.axvline(base["ppl"], color="gray", ls="--", label=f"base LM {base['ppl']:.1f}")
+    lo = min(p for _, p in pts)
+    ax.set_xlim(lo * 0.97, base["ppl"] * 1.02)
+    ax.set_xlabel("valid-slice perplexity (λ, T tuned per key type)")
+    ax.set_title("Which state to use as the key (paper Table 5)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = rd / "plots" / "keytypes.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
 
 
 def flat_vs_ivfpq(rd: Path) -> None:
