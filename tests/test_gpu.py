@@ -52,3 +52,44 @@ def test_cache_on_cuda_matches_cpu():
     base = torch.full((300,), -3.0)
     torch.testing.assert_close(interpolate_cache(base.cuda(), gpu, 0.1).cpu(),
                                interpolate_cache(base, cpu, 0.1), rtol=1e-4, atol=1e-4)
+
+
+def test_recompute_distances_from_sharded_keys_with_cuda_queries():
+    from fairseq_knnlm.shards import ConcatRows
+
+    rng = np.random.default_rng(1)
+    keys = rng.standard_normal((3000, 64)).astype(np.float16)
+    ids = rng.integers(-1, 3000, (16, 128))
+    q = torch.from_numpy(rng.standard_normal((16, 64)).astype(np.float32))
+    ref = recompute_distances(q, ids, keys)
+    gpu = recompute_distances(q.cuda(), ids, ConcatRows([keys[:1000], keys[1000:2500],
+                                                        keys[2500:]]))
+    assert gpu.is_cuda
+    torch.testing.assert_close(gpu.cpu(), ref)
+
+
+def test_faiss_gpu_index_and_shards():
+    """--knn-gpu: the index on one GPU, and split over GPUs with IndexShards (exercised with
+    the GPUs there are, one included), gives the CPU index's neighbours."""
+    faiss = pytest.importorskip("faiss")
+    if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
+        pytest.skip("FAISS has no GPU support here (faiss-cpu build)")
+    from fairseq_knnlm.index import _to_gpu, set_probe
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((20000, 64)).astype(np.float32)
+    cpu = faiss.index_factory(64, "IVF64,PQ16")
+    cpu.train(x)
+    cpu.add(x)
+    set_probe(cpu, 16)
+    d0, i0 = cpu.search(x[:100], 32)
+    one = _to_gpu(cpu)
+    set_probe(one, 16)
+    co = faiss.GpuMultipleClonerOptions()
+    co.useFloat16, co.shard = True, True
+    shards = faiss.index_cpu_to_all_gpus(cpu, co, ngpu=faiss.get_num_gpus())
+    set_probe(shards, 16)
+    for gi in (one, shards):
+        d1, i1 = gi.search(x[:100], 32)
+        overlap = np.mean([len(set(a) & set(b)) / 32 for a, b in zip(i0, i1)])
+        assert overlap > 0.95, overlap  # fp16 lookup tables: near-identical, not bit-equal
