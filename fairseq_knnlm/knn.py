@@ -75,10 +75,18 @@ def as_tensor(keys: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
 
 def gather_rows(keys: Union[np.ndarray, torch.Tensor, ConcatRows],
                 flat_ids: torch.Tensor) -> torch.Tensor:
-    """keys[flat_ids] as a tensor in the keys' dtype. Memmapped keys are read row by row
-    (only the rows asked for); a sharded datastore's keys are read shard by shard, sorted."""
-    if isinstance(keys, ConcatRows):
-        return torch.from_numpy(keys[flat_ids.cpu().numpy()])
+    """keys[flat_ids] as a tensor in the keys' dtype.
+
+    Keys on disk (a memmap, or a sharded datastore's memmaps) are read only where asked, each
+    distinct row once and in increasing order (a datastore beyond RAM is then read in one
+    forward sweep per block, not by random seeks); keys in RAM are gathered directly."""
+    if isinstance(keys, (ConcatRows, np.memmap)):
+        uniq, inverse = torch.unique(flat_ids, sorted=True, return_inverse=True)
+        if isinstance(keys, ConcatRows):
+            rows = torch.from_numpy(keys[uniq.cpu().numpy()])
+        else:
+            rows = as_tensor(keys).index_select(0, uniq)
+        return rows.index_select(0, inverse)
     return as_tensor(keys).index_select(0, flat_ids)
 
 

@@ -145,10 +145,9 @@ class ConcatRows:
                 raise IndexError(f"row {key} out of range for {len(self)} rows")
             rows = self.parts[i][k - self.offsets[i]]
             return rows[rest] if rest else rows
-        else:
+        else:  # an array of row ids, any shape: x[ids, j] picks column j of each row
             rows = self._rows_ids(np.asarray(key))
-            if rest:
-                return rows[(Ellipsis, *rest)] if rows.ndim > 1 else rows
+            return rows[(Ellipsis, *rest)] if rest else rows
         return rows[(slice(None), *rest)] if rest else rows
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:

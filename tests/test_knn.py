@@ -66,3 +66,17 @@ def test_recompute_distances_fp16_memmap_and_minus_one(tmp_path):
     dots = recompute_distances(q, ids, mm, "dot")
     np.testing.assert_allclose(dots.numpy()[ok], -(k32[ids] * q.numpy()[:, None]).sum(-1)[ok],
                                rtol=1e-4, atol=1e-4)
+
+
+def test_recompute_distances_memmap_sorted_reads_equal_in_ram(tmp_path):
+    """Memmapped keys go through the sorted, de-duplicated read path; same numbers."""
+    rng = np.random.default_rng(3)
+    keys = rng.standard_normal((2000, 24)).astype(np.float16)
+    mm = np.memmap(tmp_path / "k.npy", dtype=np.float16, mode="w+", shape=keys.shape)
+    mm[:] = keys
+    mm.flush()
+    ro = np.memmap(tmp_path / "k.npy", dtype=np.float16, mode="r", shape=keys.shape)
+    ids = rng.integers(-1, 50, (40, 64))  # many repeats within and across queries
+    q = torch.from_numpy(rng.standard_normal((40, 24)).astype(np.float32))
+    torch.testing.assert_close(recompute_distances(q, ids, ro), recompute_distances(q, ids, keys),
+                               rtol=0, atol=0)
