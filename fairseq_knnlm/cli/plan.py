@@ -56,7 +56,8 @@ class Plan:
              "--on-disk index is always mapped, RAM = the lists probed); "
              f"exact L2 reads keys from the {self.keys_disk / GB:,.1f} GB memmap "
              f"(--move-dstore-to-mem: +{self.keys_ram_if_loaded / GB:,.1f} GB RAM)",
-             f"GPU (--knn-gpu) about {self.index_bytes / GB:,.1f} GB"),
+             f"GPU (--knn-gpu) about {self.index_bytes / GB:,.1f} GB in all, split over the "
+             "visible GPUs (IndexShards) when there are several"),
         ]
 
 
