@@ -24,6 +24,14 @@ LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8]
 TEMPS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]
 
 
+def _save(fig: plt.Figure, rd: Path, name: str) -> None:
+    fig.tight_layout()
+    out = rd / "plots" / f"{name}.png"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    print(f"wrote {out}")
+
+
 def tuned(nbr_prefix: Path) -> tuple[dict, dict]:
     """(best row, base row) of a lambda x temperature sweep at the saved k."""
     nb = load_neighbors(nbr_prefix)
@@ -60,11 +68,7 @@ def datastore_size(rd: Path, fracs: list[float]) -> None:
     a2.set_ylabel("tuned λ")
     a2.grid(alpha=0.3)
     fig.suptitle("WikiText-2: effect of datastore size (paper Fig. 2)")
-    fig.tight_layout()
-    out = rd / "plots" / "datastore_size.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    _save(fig, rd, "datastore_size")
 
 
 def lambda_domains(rd: Path) -> None:
@@ -84,11 +88,7 @@ def lambda_domains(rd: Path) -> None:
     ax.set_title("Optimal λ in and out of domain (paper Fig. 5)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    out = rd / "plots" / "lambda_domains.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    _save(fig, rd, "lambda_domains")
 
 
 def keytypes(rd: Path, names: list[str]) -> None:
@@ -114,11 +114,7 @@ def keytypes(rd: Path, names: list[str]) -> None:
     ax.set_xlabel("valid-slice perplexity (λ, T tuned per key type)")
     ax.set_title("Which state to use as the key (paper Table 5)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    out = rd / "plots" / "keytypes.png"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    print(f"wrote {out}")
+    _save(fig, rd, "keytypes")
 
 
 def flat_vs_ivfpq(rd: Path) -> None:
