@@ -1,7 +1,7 @@
 """Speed and memory benchmark of the kNN-LM pipeline on the WikiText-2 setup, in one run.
 
-Every step runs as its own process (the real console scripts), repeated --repeats times; the
-table shows medians, and every ratio is taken against plain eval-lm measured in this same run.
+Every step runs as its own process (the real console scripts), repeated --repeats times in
+round robin (step 1, 2, ..., 1, 2, ...); the table shows medians, and every ratio is taken against plain eval-lm measured in this same run.
 Tokens/s are eval-lm's own "Evaluated N tokens in Xs" (forward + scoring, no start-up);
 peak memory is the child's max RSS (os.wait4).
 
@@ -120,18 +120,21 @@ def main() -> None:
                                                          "--move-dstore-to-mem"],
     }
     res: dict[str, dict] = {}
-    for name, cmd in steps.items():
-        tps, rss, stage = [], [], ""
-        for _ in range(repeats):
+    tps: dict[str, list[float]] = {n: [] for n in steps}
+    rss: dict[str, list[float]] = {n: [] for n in steps}
+    stage: dict[str, str] = {n: "" for n in steps}
+    for rep in range(repeats):  # round robin: a slow spell of the machine hits every step
+        for name, cmd in steps.items():
             out, _, r = run(cmd)
-            tps.append(tokens_per_s(out))
-            rss.append(r)
+            tps[name].append(tokens_per_s(out))
+            rss[name].append(r)
             m = re.findall(r"kNN-LM time by stage over \d+ queries: (.*)", out)
-            stage = m[-1] if m else stage
-        res[name] = {"tokens_per_s": statistics.median(tps), "peak_rss_gib": max(rss),
-                     "runs": tps, "stages": stage}
-        print(f"{name}: {res[name]['tokens_per_s']:.0f} tok/s, {max(rss):.2f} GiB {stage}",
-              flush=True)
+            stage[name] = m[-1] if m else stage[name]
+            print(f"[{rep + 1}/{repeats}] {name}: {tps[name][-1]:.0f} tok/s, {r:.2f} GiB "
+                  f"{stage[name]}", flush=True)
+    for name in steps:
+        res[name] = {"tokens_per_s": statistics.median(tps[name]),
+                     "peak_rss_gib": max(rss[name]), "runs": tps[name], "stages": stage[name]}
     # index build speed on a sample of the real datastore (train and add separately)
     res["index build"] = index_speed(dstore, tmp, quick=a.quick)
     base = res["eval-lm (baseline)"]["tokens_per_s"]
