@@ -1,7 +1,8 @@
 """Speed and memory benchmark of the kNN-LM pipeline on the WikiText-2 setup, in one run.
 
 Every step runs as its own process (the real console scripts), repeated --repeats times in
-round robin (step 1, 2, ..., 1, 2, ...); the table shows medians, and every ratio is taken against plain eval-lm measured in this same run.
+round robin (step 1, 2, ..., 1, 2, ...); the table shows medians, and every ratio is taken
+against plain eval-lm measured in this same run.
 Tokens/s are eval-lm's own "Evaluated N tokens in Xs" (forward + scoring, no start-up);
 peak memory is the child's max RSS (os.wait4).
 
