@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Step 10 (paper Table 5 analogue): which hidden state to use as the key. For speed, each key
-# type gets a datastore over the first 10% of the train split (about 209K tokens, its own
-# IVFPQ index) and is scored on the first VALID_LINES lines of valid (about 40K tokens), with
+# type gets a datastore over the first 10% of the train split (about 210K tokens, its own
+# IVFPQ index) and is scored on the first VALID_LINES lines of valid (34K tokens), with
 # lambda and temperature tuned on that slice. Default: the six key types of the paper's
 # Table 5 (KEYTYPES=... adds ffn_output / attn_output, which the dump also supports).
 # ~5 min per key type on 2 cores. Run: bash examples/wikitext2/10_keytypes.sh
 source "$(dirname "$0")/common.sh"
 KEYTYPES="${KEYTYPES:-ffn_input_after_ln ffn_input_before_ln attn_input_after_ln attn_input_before_ln model_output model_output_after_ln}"
 FRAC_LINES="${FRAC_LINES:-3668}"    # first 10% of wiki.train.tokens' 36,718 lines
-VALID_LINES="${VALID_LINES:-700}"   # first 700 of valid's 3,760 lines: 40K tokens, 1/5 the cost
+VALID_LINES="${VALID_LINES:-700}"   # first 700 of 3,760 lines: 34K tokens, 1/6 the cost
 KT_DIR="$RUN_DIR/keytypes"; SLICE_BIN="$KT_DIR/data-bin"
 mkdir -p "$KT_DIR"
 if [ ! -f "$SLICE_BIN/valid.bin" ]; then
