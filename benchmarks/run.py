@@ -90,6 +90,11 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     ap.add_argument("--work-dir", default=None, help="keep the slice and the dump here "
                     "(default: a temporary folder)")
+    ap.add_argument("--fastscan-index", default=None,
+                    help="also time kNN-LM with this ivfpq-fastscan index of the datastore")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated substrings: run only the steps whose name has one "
+                         "(the baseline always runs); e.g. --only fastscan")
     a = ap.parse_args()
     rd = Path(a.run_dir)
     data_bin, ckpt = rd / "data-bin", rd / "checkpoints" / "checkpoint_best.pt"
@@ -120,7 +125,18 @@ def main() -> None:
         "kNN-LM, exact L2, keys in RAM": common + knn + ["--knn-sim-func", "l2",
                                                          "--move-dstore-to-mem"],
     }
+    if a.fastscan_index:
+        fs = ["--indexfile", a.fastscan_index]  # a later --indexfile wins in argparse
+        steps["kNN-LM, FAISS distances, ivfpq-fastscan"] = (
+            common + knn + fs + ["--knn-sim-func", "faiss_l2", "--no-load-keys"])
+        steps["kNN-LM, exact L2, keys memmapped, ivfpq-fastscan"] = (
+            common + knn + fs + ["--knn-sim-func", "l2"])
+    if a.only:
+        keep = a.only.split(",")
+        steps = {n: c for n, c in steps.items()
+                 if n == "eval-lm (baseline)" or any(k in n for k in keep)}
     res: dict[str, dict] = {}
+    ppl: dict[str, str] = {}
     tps: dict[str, list[float]] = {n: [] for n in steps}
     rss: dict[str, list[float]] = {n: [] for n in steps}
     stage: dict[str, str] = {n: "" for n in steps}
@@ -131,13 +147,17 @@ def main() -> None:
             rss[name].append(r)
             m = re.findall(r"kNN-LM time by stage over \d+ queries: (.*)", out)
             stage[name] = m[-1] if m else stage[name]
+            m = re.findall(r"Perplexity: ([\d.]+)", out)
+            ppl[name] = m[-1] if m else ""
             print(f"[{rep + 1}/{repeats}] {name}: {tps[name][-1]:.0f} tok/s, {r:.2f} GiB "
                   f"{stage[name]}", flush=True)
     for name in steps:
         res[name] = {"tokens_per_s": statistics.median(tps[name]),
-                     "peak_rss_gib": max(rss[name]), "runs": tps[name], "stages": stage[name]}
+                     "peak_rss_gib": max(rss[name]), "runs": tps[name], "stages": stage[name],
+                     "ppl": ppl[name]}
     # index build speed on a sample of the real datastore (train and add separately)
-    res["index build"] = index_speed(dstore, tmp, quick=a.quick)
+    if not a.only:
+        res["index build"] = index_speed(dstore, tmp, quick=a.quick)
     base = res["eval-lm (baseline)"]["tokens_per_s"]
     base_rss = res["eval-lm (baseline)"]["peak_rss_gib"]
     index_gib = index.stat().st_size / 2**30
@@ -145,17 +165,19 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"first {n_lines} lines of valid, k={a.k}, probe={a.probe}, "
           f"median of {repeats}; index {index_gib:.2f} GiB")
-    print("| step | tokens/s | ratio to eval-lm | peak RSS (GiB) | RSS over eval-lm (GiB) |")
-    print("|---|---|---|---|---|")
+    print("| step | tokens/s | ratio to eval-lm | peak RSS (GiB) | RSS over eval-lm (GiB) | "
+          "ppl (λ 0.25, T 10) |")
+    print("|---|---|---|---|---|---|")
     for name, r in res.items():
         if name == "index build":
             continue
         print(f"| {name} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base:.2f}x | "
-              f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - base_rss:+.2f} |")
-    ib = res["index build"]
-    print(f"| index build ({ib['n']:,} keys, IVF{ib['ncentroids']},PQ{ib['code_size']}) | "
-          f"train {ib['train_keys_per_s']:.0f} keys/s, add {ib['add_keys_per_s']:.0f} keys/s "
-          f"| | {ib['peak_rss_gib']:.2f} | |")
+              f"{r['peak_rss_gib']:.2f} | {r['peak_rss_gib'] - base_rss:+.2f} | {r['ppl']} |")
+    ib = res.get("index build")
+    if ib:
+        print(f"| index build ({ib['n']:,} keys, IVF{ib['ncentroids']},PQ{ib['code_size']}) | "
+              f"train {ib['train_keys_per_s']:.0f} keys/s, add {ib['add_keys_per_s']:.0f} "
+              f"keys/s | | {ib['peak_rss_gib']:.2f} | | |")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
 

@@ -72,15 +72,18 @@ def test_concat_rows_matches_numpy():
         c[np.array([14])]
 
 
-def _shard_runs(tiny, prefix, n: int) -> None:
-    for i in range(n):
+@pytest.fixture(scope="module")
+def sharded(tiny, tmp_path_factory):
+    """The tiny train split dumped by 3 separate --num-shards 3 --shard-id I runs."""
+    prefix = tmp_path_factory.mktemp("sharded") / "train"
+    for i in range(3):
         eval_lm_inprocess(eval_args(tiny, "train", "--save-knnlm-dstore", "--dstore-mmap",
-                                    str(prefix), "--num-shards", str(n), "--shard-id", str(i)))
+                                    str(prefix), "--num-shards", "3", "--shard-id", str(i)))
+    return prefix
 
 
-def test_num_shards_dump_equals_single_dump(tiny, dstore, tmp_path):
-    prefix = tmp_path / "sh" / "train"
-    _shard_runs(tiny, prefix, 3)
+def test_num_shards_dump_equals_single_dump(dstore, sharded):
+    prefix = sharded
     m = json.loads(manifest_path(prefix).read_text())  # written by the last shard to finish
     assert m["num_shards"] == 3 and [s["prefix"] for s in m["shards"]] == [
         f"train_shard{i}of3" for i in range(3)]
@@ -118,13 +121,12 @@ def test_manifest_errors_are_clear(tiny, tmp_path):
         write_manifest(prefix, 2)
 
 
-def test_sharded_datastore_scores_like_single(tiny, dstore, tmp_path):
+def test_sharded_datastore_scores_like_single(tiny, dstore, sharded):
     """kNN-LM over the 3-shard datastore (flat index, exact L2 read through the shards) gives
     the single datastore's perplexity."""
     from fairseq_knnlm.index import IndexSettings, build_index
 
-    prefix = tmp_path / "sh" / "train"
-    _shard_runs(tiny, prefix, 3)
+    prefix = sharded
     build_index(prefix, f"{prefix}.flat", IndexSettings(index_type="flat"), progress=False)
     knn = ("--knnlm", "--k", "16", "--lmbda", "0.5", "--knn-temp", "2")
     a = eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--dstore-filename", str(dstore),
