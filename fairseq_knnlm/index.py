@@ -40,8 +40,9 @@ logger = logging.getLogger(__name__)
 
 INDEX_TYPES = ("ivfpq", "flat", "opq-ivfpq", "pca-ivfpq", "ivfpq-fastscan")
 # ivfpq-fastscan: the same IVF lists and bytes per vector, but 2 x code_size sub-quantizers of
-# 4 bits scanned with SIMD (faiss "PQ{M}x4fs"): on WikiText-2 (2 cores) 3.3x the queries/s of
-# the paper's 8-bit PQ at recall@1024 0.80 instead of 0.89. CPU only, not --on-disk.
+# 4 bits scanned with SIMD (faiss "PQ{M}x4fs"): on WikiText-2 (2 cores) ~5x the queries/s of
+# the paper's 8-bit PQ at recall@1024 0.80 instead of 0.89 (benchmarks/search_bench.py).
+# CPU only, not --on-disk.
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 PathLike = Union[str, os.PathLike]
 

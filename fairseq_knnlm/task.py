@@ -57,11 +57,12 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             pad = self.source_dictionary.pad()
             wrapped = LMContextWindowDataset(dataset, tokens_per_sample=self.args.tokens_per_sample,
                                              context_window=context_window, pad_idx=pad)
-            before, j = [], lo - 1
-            while j >= 0 and sum(len(b) for b in before) < context_window:
-                before.insert(0, dataset[j]["source"].numpy())
+            before, have, j = [], 0, lo - 1  # blocks before the shard, latest first
+            while j >= 0 and have < context_window:
+                before.append(dataset[j]["source"].numpy())
+                have += int((before[-1] != pad).sum())
                 j -= 1
-            wrapped.prev_tokens = left_context(before, context_window, pad)
+            wrapped.prev_tokens = left_context(before[::-1], context_window, pad)
             dataset = wrapped
         return self.get_batch_iterator(
             dataset=_ItemRange(dataset, lo, hi), max_tokens=max_tokens,
