@@ -40,8 +40,9 @@ def _assert_same_entries(single, sharded) -> None:
     np.testing.assert_array_equal(p1, p2)
     assert len(np.unique(p1)) == len(p1)  # every target token exactly once
     np.testing.assert_array_equal(v1, v2)
-    # same inputs, same context; only the batch shapes differ (BLAS blocking): ~1e-6
-    np.testing.assert_allclose(k1, k2, rtol=0, atol=1e-4)
+    # same inputs and context, so the same keys, bit for bit (measured here; only the batch
+    # shapes differ, and a BLAS that blocks by batch size could move the last bits)
+    np.testing.assert_array_equal(k1, k2)
 
 
 def test_contiguous_range_and_left_context():
