@@ -35,7 +35,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .memmaps import RowWriter, open_rows, tmp_path, write_json_atomic
-from .shards import ConcatRows, manifest_path, read_manifest
+from .shards import SHARED_FIELDS, ConcatRows, manifest_path, read_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +49,10 @@ PathLike = Union[str, os.PathLike]
 
 class DatastoreError(RuntimeError):
     """A datastore is missing, incomplete, or disagrees with its meta file."""
+
+
+class ShardNotReady(DatastoreError):
+    """A shard of a sharded dump has not finished (no manifest can be written yet)."""
 
 
 def keys_path(prefix: PathLike) -> Path:
@@ -256,7 +260,7 @@ def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
             raise DatastoreError(f"{manifest_path(prefix)}: shard {i} ({sp}) has {ds.size} "
                                  f"entries, the manifest says {rec['size']}; rewrite it with "
                                  f"knnlm-manifest {prefix}")
-        for f in ("dim", "key_dtype", "keytype", "dict_sha256", "model_sha256"):
+        for f in SHARED_FIELDS:
             if getattr(ds.meta, f) != getattr(meta, f):
                 raise DatastoreError(f"{sp}: {f} is {getattr(ds.meta, f)!r}, the manifest says "
                                      f"{getattr(meta, f)!r}")

@@ -156,8 +156,9 @@ class ConcatRows:
 
 
 def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
-    """Check that all shards of PREFIX are finished and agree; write PREFIX_manifest.json."""
-    from .datastore import DatastoreError, read_meta
+    """Check that all shards of PREFIX are finished and agree; write PREFIX_manifest.json.
+    Raises ShardNotReady while a shard has not finished."""
+    from .datastore import DatastoreError, ShardNotReady, read_meta
 
     prefix = Path(prefix)
     metas = []
@@ -166,7 +167,7 @@ def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
         try:
             metas.append(read_meta(sp))
         except DatastoreError as e:
-            raise DatastoreError(f"shard {i} of {num_shards} is not ready: {e}") from e
+            raise ShardNotReady(f"shard {i} of {num_shards} is not ready: {e}") from e
     first = metas[0]
     for i, m in enumerate(metas):
         if (m.shard_id, m.num_shards) != (i, num_shards):
@@ -192,17 +193,15 @@ def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
 
 
 def try_write_manifest(prefix: PathLike, num_shards: int) -> bool:
-    """Write the manifest if every shard has finished (called by each shard as it ends)."""
-    from .datastore import read_meta
+    """Write the manifest if every shard has finished (called by each shard as it ends);
+    shards that disagree still raise."""
+    from .datastore import ShardNotReady
 
-    for i in range(num_shards):
-        try:
-            read_meta(shard_prefix(prefix, i, num_shards))
-        except Exception:  # noqa: BLE001 - not finished yet: a later shard will write it
-            logger.info("shard %d of %d not finished yet; the last shard to finish writes %s",
-                        i, num_shards, manifest_path(prefix).name)
-            return False
-    write_manifest(prefix, num_shards)
+    try:
+        write_manifest(prefix, num_shards)
+    except ShardNotReady as e:  # a later shard will write it
+        logger.info("%s; the last shard to finish writes %s", e, manifest_path(prefix).name)
+        return False
     return True
 
 
