@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Set up .venv with fairseq, FAISS and this plugin, without pulling a CUDA torch on CPU machines.
-#   bash install.sh              # CPU (faiss-cpu)
-#   KNNLM_FAISS=gpu bash install.sh   # CUDA machine (faiss-gpu-cu12)
+#   bash install.sh                        # CPU (faiss-cpu)
+#   KNNLM_FAISS=gpu bash install.sh        # CUDA 12 machine: Meta's official faiss-gpu
+#   KNNLM_FAISS=gpu-cu13 bash install.sh   # CUDA 13 machine: Meta's faiss-gpu-cuvs (Py >= 3.11)
+# On GPU hosts also pick a CUDA torch, e.g. TORCH_SPEC="torch==2.13.0" with the matching
+# --index-url in PIP_INDEX_URL/PIP_EXTRA_INDEX_URL.
 # Order matters: torch first (pinned: here a local CPU wheel; a bare `torch` requirement would
 # fetch a multi-GB CUDA build), then fairseq built against it without build isolation (with
 # isolation, pip builds fairseq in a fresh env that downloads CUDA torch: ~6 min more).
@@ -11,14 +14,26 @@ cd "$(dirname "$0")"
 VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"   # pick your own build, e.g. a CUDA one on GPU hosts
 FAISS_EXTRA="${KNNLM_FAISS:-cpu}"
+case "$FAISS_EXTRA" in
+  cpu|gpu|gpu-cu13) ;;
+  *) echo "install.sh: KNNLM_FAISS must be cpu, gpu (CUDA 12) or gpu-cu13 (CUDA 13), got '$FAISS_EXTRA'" >&2; exit 2 ;;
+esac
 PY="${PYTHON:-python3}"
 if [ ! -x "$VENV/bin/python" ]; then "$PY" -m venv "$VENV"; fi
 # shellcheck disable=SC1091
 source "$VENV/bin/activate"
 pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
-if ! python -c "import fairseq, faiss, fairseq_knnlm" >/dev/null 2>&1; then
+# the FAISS distribution the extra installs (all three provide the same `faiss` module)
+case "$FAISS_EXTRA" in cpu) FAISS_DIST=faiss-cpu ;; gpu) FAISS_DIST=faiss-gpu ;; *) FAISS_DIST=faiss-gpu-cuvs ;; esac
+if ! python -c "import fairseq, faiss, fairseq_knnlm" >/dev/null 2>&1 \
+    || ! pip show -q "$FAISS_DIST" >/dev/null 2>&1; then
   pip_q --upgrade pip setuptools wheel
   pip_q "$TORCH_SPEC" cython "numpy>=1.21"
+  for other in faiss-cpu faiss-gpu faiss-gpu-cuvs faiss-gpu-cu12; do  # one faiss module only
+    if [ "$other" != "$FAISS_DIST" ] && pip show -q "$other" >/dev/null 2>&1; then
+      pip uninstall -y -q "$other"
+    fi
+  done
   pip_q --no-build-isolation -e ".[$FAISS_EXTRA,dev]"
 fi
 python -c "import torch, fairseq, faiss, fairseq_knnlm; print('ok: torch', torch.__version__, '| fairseq', fairseq.__version__, '| faiss', faiss.__version__, '| fairseq_knnlm', fairseq_knnlm.__version__)"

@@ -34,11 +34,15 @@ KEY_TYPES: dict[str, str] = {
     "(last layer only)",
 }
 DEFAULT_KEYTYPE = "ffn_input_after_ln"
+# the authors' fork (urvashik/knnlm) names the paper's key 'last_ffn_input'
+KEYTYPE_ALIASES: dict[str, str] = {"last_ffn_input": "ffn_input_after_ln"}
 
 
 def parse_keytype(spec: str) -> tuple[str, int]:
-    """'ffn_input_after_ln' -> (name, -1); 'ffn_output:2' -> (name, 2)."""
+    """'ffn_input_after_ln' -> (name, -1); 'ffn_output:2' -> (name, 2); aliases resolved
+    ('last_ffn_input' -> ('ffn_input_after_ln', -1))."""
     name, _, layer = spec.partition(":")
+    name = KEYTYPE_ALIASES.get(name, name)
     if name not in KEY_TYPES:
         valid = ", ".join(sorted(KEY_TYPES))
         raise ValueError(f"unknown key type {spec!r}; valid key types: {valid} "
@@ -50,6 +54,17 @@ def parse_keytype(spec: str) -> tuple[str, int]:
     if name == "model_output_after_ln" and layer and layer_idx != -1:
         raise ValueError("model_output_after_ln exists only after the last layer")
     return name, layer_idx
+
+
+def resolve_keytype(spec: str, num_layers: int) -> tuple[str, int]:
+    """The state a key type names in a model of ``num_layers`` layers: (name, 0-based layer).
+
+    'ffn_input_after_ln', 'ffn_input_after_ln:-1', 'last_ffn_input' and (2 layers)
+    'ffn_input_after_ln:1' all give ('ffn_input_after_ln', 1): compare these, not the text."""
+    name, layer = parse_keytype(spec)
+    if not -num_layers <= layer < num_layers:
+        raise ValueError(f"key type {spec!r}: the model has {num_layers} layers")
+    return name, layer % num_layers
 
 
 def find_decoder(model: nn.Module) -> nn.Module:

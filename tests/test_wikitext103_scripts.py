@@ -49,7 +49,8 @@ def test_full_scale_commands_carry_the_paper_settings(tmp_path: Path) -> None:
     raw.mkdir()
     for split in ("train", "valid", "test"):
         (raw / f"wiki.{split}.tokens").write_text("")
-    out = run_all(tmp_path / "run", timeout=120, DRY_RUN="1", WIKITEXT103_DIR=str(raw))
+    out = run_all(tmp_path / "run", timeout=120, DRY_RUN="1", WIKITEXT103_DIR=str(raw),
+                  FP16="1")
     cmds = [line[2:] for line in out.splitlines() if line.startswith("+ ")]
 
     def one(*flags: str) -> str:
@@ -65,7 +66,7 @@ def test_full_scale_commands_carry_the_paper_settings(tmp_path: Path) -> None:
         "--optimizer nag", "--min-lr 0.0001", "--clip-norm 0.1", "--criterion adaptive_loss",
         "--max-tokens 3072", "--update-freq 3", "--tokens-per-sample 3072", "--seed 1",
         "--sample-break-mode none", "--skip-invalid-size-inputs-valid-test",
-        "--ddp-backend=legacy_ddp")
+        "--ddp-backend=legacy_ddp", "--fp16")  # FP16=1: as on a CUDA machine (auto)
     dump = one("fairseq-eval-lm", "--gen-subset train")
     assert has(dump, "--save-knnlm-dstore", "--dstore-fp16", "--knn-keytype ffn_input_after_ln",
                "--tokens-per-sample 3072", "--context-window 1536", "--sample-break-mode none",
@@ -94,6 +95,22 @@ def test_full_scale_commands_carry_the_paper_settings(tmp_path: Path) -> None:
                    "--ks 1,2,4,8,16,32,64,128,256,512,1024"), sweep
     else:
         assert "knnlm-sweep is not installed" in out
+
+
+def test_fp16_training_follows_the_device(tmp_path: Path) -> None:
+    """--fp16 (the authors' training) only where torch sees CUDA: FP16=auto on this machine
+    gives it exactly when a GPU is visible; FP16=0 never."""
+    import torch
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for split in ("train", "valid", "test"):
+        (raw / f"wiki.{split}.tokens").write_text("")
+    for fp16, want in (("auto", torch.cuda.is_available()), ("0", False)):
+        out = run_all(tmp_path / f"run_{fp16}", timeout=120, DRY_RUN="1",
+                      WIKITEXT103_DIR=str(raw), FP16=fp16)
+        train = [line for line in out.splitlines() if line.startswith("+ fairseq-train")]
+        assert len(train) == 1 and has(train[0], "--fp16") == want, (fp16, train)
 
 
 @pytest.mark.skipif(not (WIKITEXT2_DIR / "wiki.train.tokens").exists(),

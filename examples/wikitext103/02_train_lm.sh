@@ -20,7 +20,9 @@ if [ -f "$CKPT" ] && [ -z "${FORCE_TRAIN:-}" ]; then echo "$CKPT exists, skippin
 # 16 heads; fairseq's registered architecture, which the paper's checkpoint uses, has 8.)
 # --ddp-backend legacy_ddp: adaptive_loss does not work with the c10d backend.
 # --no-epoch-checkpoints is ours (disk only): ~200 epochs x 3 GB checkpoints otherwise.
-# shellcheck disable=SC2086  # ARCH_ARGS and DEVICE_ARGS are word lists
+# --fp16 (TRAIN_FP16_ARGS, common.sh): on when torch sees CUDA, as the authors trained; off on
+# CPU, where fairseq has no fp16 training. FP16=0 turns it off on a GPU.
+# shellcheck disable=SC2086  # ARCH_ARGS, DEVICE_ARGS and TRAIN_FP16_ARGS are word lists
 run fairseq-train "$DATA_BIN" --task language_modeling $ARCH_ARGS \
   --max-update "$MAX_UPDATE" --lr 1.0 --t-mult 2 --lr-period-updates "$LR_PERIOD_UPDATES" \
   --lr-scheduler cosine --lr-shrink 0.75 --warmup-updates "$WARMUP_UPDATES" \
@@ -29,4 +31,4 @@ run fairseq-train "$DATA_BIN" --task language_modeling $ARCH_ARGS \
   --tokens-per-sample "$TRAIN_TOKENS_PER_SAMPLE" --seed 1 --sample-break-mode none \
   --skip-invalid-size-inputs-valid-test --ddp-backend=legacy_ddp \
   --save-dir "$CKPT_DIR" --no-epoch-checkpoints --log-format simple --log-interval 100 \
-  $DEVICE_ARGS 2>&1 | tee "$LOG_DIR/train.log"
+  $DEVICE_ARGS $TRAIN_FP16_ARGS 2>&1 | tee "$LOG_DIR/train.log"

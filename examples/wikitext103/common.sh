@@ -109,6 +109,15 @@ CACHE_THETA="${CACHE_THETA:-0.05}"                # not the paper's: tune on val
 EVAL_EXTRA_ARGS="${EVAL_EXTRA_ARGS:-}"
 # --gpu for knnlm-build-index when FAISS sees a GPU (auto), or force 0 / 1
 INDEX_GPU="${INDEX_GPU:-auto}"
+# --fp16 for training (02): the authors trained the 247M model in mixed precision (Baevski &
+# Auli's recipe with --fp16). auto = on when torch sees a CUDA GPU, off on CPU (fairseq's fp16
+# needs CUDA); FP16=1 / FP16=0 force it.
+FP16="${FP16:-auto}"
+if [ "$FP16" = auto ]; then
+  if python -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" \
+      >/dev/null 2>&1; then FP16=1; else FP16=0; fi
+fi
+if [ "$FP16" = 1 ]; then TRAIN_FP16_ARGS="--fp16"; else TRAIN_FP16_ARGS=""; fi
 
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 export PYTHONUNBUFFERED=1

@@ -21,6 +21,15 @@ for s in train valid test; do
   [ -f "$WIKITEXT2_DIR/wiki.$s.tokens" ] || { echo "missing $WIKITEXT2_DIR/wiki.$s.tokens" >&2; exit 1; }
 done
 if [ -f "$DATA_BIN/test.bin" ]; then echo "$DATA_BIN exists, skipping"; exit 0; fi
+if [ "$QUICK" = 1 ]; then  # the first lines of each split (whole articles of the same text)
+  slice="$RUN_DIR/slice"; mkdir -p "$slice"
+  head -n "$QUICK_TRAIN_LINES" "$WIKITEXT2_DIR/wiki.train.tokens" > "$slice/wiki.train.tokens"
+  for s in valid test; do
+    head -n "$QUICK_EVAL_LINES" "$WIKITEXT2_DIR/wiki.$s.tokens" > "$slice/wiki.$s.tokens"
+  done
+  echo "QUICK=1: $QUICK_TRAIN_LINES train lines, $QUICK_EVAL_LINES valid/test lines in $slice"
+  WIKITEXT2_DIR="$slice"
+fi
 fairseq-preprocess --only-source \
   --trainpref "$WIKITEXT2_DIR/wiki.train.tokens" \
   --validpref "$WIKITEXT2_DIR/wiki.valid.tokens" \

@@ -6,6 +6,7 @@
 # from checkpoint_last.pt.
 # Run: bash examples/wikitext2/02_train_lm.sh
 source "$(dirname "$0")/common.sh"
+if [ "$QUICK" = 1 ]; then TRAIN_HOURS="${TRAIN_HOURS:-${QUICK_TRAIN_HOURS:-0.05}}"; fi
 TRAIN_HOURS="${TRAIN_HOURS:-0.65}"
 if [ -f "$CKPT" ] && [ -z "${FORCE_TRAIN:-}" ]; then echo "$CKPT exists, skipping"; exit 0; fi
 fairseq-train "$DATA_BIN" --task language_modeling \
