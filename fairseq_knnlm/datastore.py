@@ -10,10 +10,14 @@ A datastore with prefix PREFIX is four raw (headerless) arrays and one JSON file
 
 The arrays keep the authors' raw memmap layout so their tools can read them; the meta file
 is new and is written last: a dump that was killed leaves only ``*.tmp`` files and no meta
-file, so it can never be taken for a finished datastore.
+file, so it can never be taken for a finished datastore. While a dump runs it holds
+PREFIX.lock, so a second dump to the same prefix fails at once instead of mixing its rows in.
+Every dump has a random ``dump_id`` (in the meta and its fingerprint): indexes and resumable
+index builds recognise a prefix that was dumped again.
 
 A sharded dump (one datastore per worker) is read as one through PREFIX_manifest.json: see
-shards.py. ``read_meta`` and ``open_datastore`` accept either kind of prefix.
+shards.py. ``read_meta`` and ``open_datastore`` accept either kind of prefix. File names, the
+meta record and the errors are defined in dstore_meta.py and re-exported here.
 
 Usage (read side, as the index builder and the scorer do):
 
@@ -24,51 +28,49 @@ Usage (read side, as the index builder and the scorer do):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
 
 import numpy as np
 
-from .memmaps import RowWriter, open_rows, tmp_path, write_json_atomic
-from .shards import SHARED_FIELDS, ConcatRows, manifest_path, read_manifest
+from .dstore_meta import (  # noqa: F401  (re-exported: the public names of the datastore)
+    FINGERPRINT_FIELDS,
+    FORMAT_VERSION,
+    KEY_DTYPES,
+    POS_DTYPE,
+    SHARED_FIELDS,
+    VAL_DTYPE,
+    DatastoreError,
+    DatastoreMeta,
+    ShardNotReady,
+    combined_dump_id,
+    keys_path,
+    lock_path,
+    manifest_path,
+    meta_path,
+    pos_path,
+    read_meta,
+    vals_path,
+)
+from .memmaps import (
+    DiskFullError,
+    LockBusy,
+    RowWriter,
+    WriterLock,
+    copy_to_memory,
+    open_rows,
+    write_json_atomic,
+)
+from .shards import ConcatRows
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-VAL_DTYPE = np.dtype(np.int32)  # the original used int16 with fp16 keys: overflows past 32767 types
-POS_DTYPE = np.dtype(np.int64)
-KEY_DTYPES = {"float16": np.dtype(np.float16), "float32": np.dtype(np.float32)}
-
 PathLike = Union[str, os.PathLike]
-
-
-class DatastoreError(RuntimeError):
-    """A datastore is missing, incomplete, or disagrees with its meta file."""
-
-
-class ShardNotReady(DatastoreError):
-    """A shard of a sharded dump has not finished (no manifest can be written yet)."""
-
-
-def keys_path(prefix: PathLike) -> Path:
-    return Path(f"{prefix}_keys.npy")
-
-
-def vals_path(prefix: PathLike) -> Path:
-    return Path(f"{prefix}_vals.npy")
-
-
-def pos_path(prefix: PathLike) -> Path:
-    return Path(f"{prefix}_pos.npy")
-
-
-def meta_path(prefix: PathLike) -> Path:
-    return Path(f"{prefix}_meta.json")
 
 
 def sha256_file(path: PathLike, chunk: int = 1 << 24) -> str:
@@ -92,79 +94,54 @@ def dictionary_sha256(symbols: list[str]) -> str:
     return h.hexdigest()
 
 
-@dataclass
-class DatastoreMeta:
-    """Everything needed to use and validate a datastore; never typed by hand."""
-
-    size: int
-    dim: int
-    key_dtype: str
-    keytype: str
-    val_dtype: str = "int32"
-    pos_dtype: str = "int64"
-    model_path: Optional[str] = None
-    model_sha256: Optional[str] = None
-    dict_size: Optional[int] = None
-    dict_sha256: Optional[str] = None
-    subset: Optional[str] = None
-    context_window: Optional[int] = None
-    tokens_per_sample: Optional[int] = None
-    sample_break_mode: Optional[str] = None
-    fairseq_version: Optional[str] = None
-    plugin_version: Optional[str] = None
-    shard_id: int = 0
-    num_shards: int = 1
-    created: str = ""
-    complete: bool = True
-    format_version: int = FORMAT_VERSION
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> DatastoreMeta:
-        known = {f for f in cls.__dataclass_fields__}
-        unknown = set(d) - known
-        if unknown:
-            logger.warning("ignoring unknown datastore meta fields: %s", sorted(unknown))
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def fingerprint(self) -> dict[str, Any]:
-        """The fields an index or a scorer must agree with."""
-        return {
-            "size": self.size,
-            "dim": self.dim,
-            "keytype": self.keytype,
-            "dict_sha256": self.dict_sha256,
-            "model_sha256": self.model_sha256,
-        }
-
-
 class DatastoreWriter:
     """Appends (key, value, position) rows; ``finish`` makes them a datastore.
 
-    Rows go straight into memmapped ``*.tmp`` files that grow by doubling; ``finish``
-    truncates them to the rows actually written (no zero-filled rows at the end), renames
-    them, and writes the meta file last.
+    Rows go straight into memmapped ``*.tmp`` files that grow by doubling (blocks reserved
+    as they grow, so a full disk is a DatastoreError, not a SIGBUS); ``finish`` truncates them
+    to the rows actually written (no zero-filled rows at the end), renames them, and writes
+    the meta file last.
+
+    The writer holds PREFIX.lock (flock) from start to finish or abort: a second writer of
+    the same prefix (another job, a re-run started too early) fails at once with a
+    DatastoreError naming the prefix and the holder, so two dumps can never mix their rows.
+    The kernel drops the lock when the process dies. Each writer draws a random ``dump_id``
+    that goes into the meta (and so into every index built from this dump).
+
+    expected_rows (optional): the rows the dump will write; the folder's free space is
+    checked against them before the first row, and reserved.
     """
 
     def __init__(self, prefix: PathLike, dim: int, key_dtype: str = "float32",
-                 initial_capacity: int = 1 << 20) -> None:
+                 initial_capacity: int = 1 << 20, expected_rows: Optional[int] = None) -> None:
         if key_dtype not in KEY_DTYPES:
             raise ValueError(f"key_dtype must be one of {sorted(KEY_DTYPES)}, got {key_dtype!r}")
         self.prefix = Path(prefix)
         self.dim = int(dim)
         self.key_dtype = KEY_DTYPES[key_dtype]
+        self.dump_id = uuid.uuid4().hex
+        try:
+            self._lock = WriterLock(lock_path(self.prefix), {"dump_id": self.dump_id})
+        except LockBusy as e:
+            raise DatastoreError(
+                f"datastore {self.prefix} is being written by another dump ({e}); wait for it "
+                "to finish or dump to another --dstore-mmap") from e
+        try:
+            self._rows = RowWriter({
+                "keys": (keys_path(self.prefix), self.key_dtype, (self.dim,)),
+                "vals": (vals_path(self.prefix), VAL_DTYPE, (1,)),
+                "pos": (pos_path(self.prefix), POS_DTYPE, ()),
+            }, initial_capacity, expected_rows=expected_rows, label=f"datastore {self.prefix}")
+        except DiskFullError as e:
+            self._lock.release()
+            raise DatastoreError(str(e)) from e
+        except BaseException:
+            self._lock.release()
+            raise
         if meta_path(self.prefix).exists():
             # an earlier datastore here stops being valid the moment we start writing
             logger.warning("overwriting the datastore at %s", self.prefix)
             meta_path(self.prefix).unlink()
-        self._rows = RowWriter({
-            "keys": (keys_path(self.prefix), self.key_dtype, (self.dim,)),
-            "vals": (vals_path(self.prefix), VAL_DTYPE, (1,)),
-            "pos": (pos_path(self.prefix), POS_DTYPE, ()),
-        }, initial_capacity)
 
     @property
     def size(self) -> int:
@@ -172,21 +149,29 @@ class DatastoreWriter:
 
     def add(self, keys: np.ndarray, vals: np.ndarray, pos: np.ndarray) -> None:
         """Append n rows: keys (n, D), vals (n,) next-token ids, pos (n,) stream offsets."""
-        self._rows.add(keys=keys, vals=np.asarray(vals).reshape(-1, 1), pos=pos)
+        try:
+            self._rows.add(keys=keys, vals=np.asarray(vals).reshape(-1, 1), pos=pos)
+        except DiskFullError as e:  # the rows' files are gone already
+            self.abort()
+            raise DatastoreError(str(e)) from e
 
     def finish(self, **meta_fields: Any) -> DatastoreMeta:
         """Truncate to the rows written, rename into place, then write the meta file."""
         size = self._rows.finish()
         meta = DatastoreMeta(size=size, dim=self.dim, key_dtype=self.key_dtype.name,
-                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **meta_fields)
+                             created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                             dump_id=self.dump_id, **meta_fields)
         write_json_atomic(meta_path(self.prefix), meta.to_json())
-        logger.info("datastore %s: %d entries of dim %d (%s keys)", self.prefix, size,
-                    self.dim, meta.key_dtype)
+        self._lock.release()
+        logger.info("datastore %s: %d entries of dim %d (%s keys, dump id %s)", self.prefix,
+                    size, self.dim, meta.key_dtype, self.dump_id)
         return meta
 
     def abort(self) -> None:
-        """Remove the temporary files of an unfinished dump."""
+        """Remove the temporary files of an unfinished dump and release the prefix (safe to
+        call more than once)."""
         self._rows.abort()
+        self._lock.release()
 
 
 @dataclass
@@ -208,48 +193,6 @@ class Datastore:
         return self.meta.dim
 
 
-def read_meta(prefix: PathLike) -> DatastoreMeta:
-    """Load and sanity-check PREFIX_meta.json, explaining the usual ways it can be missing."""
-    mp = meta_path(prefix)
-    if not mp.exists() and manifest_path(prefix).exists():
-        return _manifest_meta(prefix)
-    if not mp.exists():
-        if tmp_path(keys_path(prefix)).exists():
-            raise DatastoreError(
-                f"{prefix}: the dump did not finish (found {tmp_path(keys_path(prefix)).name}, no "
-                f"{mp.name}); run the dump again")
-        if keys_path(prefix).exists():
-            raise DatastoreError(
-                f"{prefix}: {keys_path(prefix).name} exists but {mp.name} does not; datastores "
-                "from the original knnlm code carry no metadata: re-dump with this plugin")
-        raise DatastoreError(f"no datastore at {prefix}: {mp} not found")
-    try:
-        meta = DatastoreMeta.from_dict(json.loads(mp.read_text()))
-    except (json.JSONDecodeError, TypeError) as e:
-        raise DatastoreError(f"{mp}: unreadable meta file ({e})") from e
-    if not meta.complete:
-        raise DatastoreError(f"{prefix}: meta file says the dump is incomplete")
-    if meta.format_version > FORMAT_VERSION:
-        raise DatastoreError(
-            f"{prefix}: format version {meta.format_version} is newer than this plugin's "
-            f"{FORMAT_VERSION}; upgrade fairseq-knnlm")
-    if meta.key_dtype not in KEY_DTYPES:
-        raise DatastoreError(f"{prefix}: unknown key dtype {meta.key_dtype!r}")
-    return meta
-
-
-def _manifest_meta(prefix: PathLike) -> DatastoreMeta:
-    """The meta of a sharded datastore as a whole, from its manifest."""
-    m = read_manifest(prefix)
-    fields = {f: m[f] for f in DatastoreMeta.__dataclass_fields__ if f in m and f not in (
-        "shard_id", "extra", "format_version")}
-    fields["extra"] = {"shards": m["shards"]}
-    meta = DatastoreMeta(**fields)
-    if meta.key_dtype not in KEY_DTYPES:
-        raise DatastoreError(f"{prefix}: unknown key dtype {meta.key_dtype!r}")
-    return meta
-
-
 def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
                   keys_in_memory: bool) -> Datastore:
     shards = []
@@ -260,6 +203,12 @@ def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
             raise DatastoreError(f"{manifest_path(prefix)}: shard {i} ({sp}) has {ds.size} "
                                  f"entries, the manifest says {rec['size']}; rewrite it with "
                                  f"knnlm-manifest {prefix}")
+        if "dump_id" in rec and ds.meta.dump_id != rec["dump_id"]:
+            raise DatastoreError(
+                f"{manifest_path(prefix)}: shard {i} ({sp}) was dumped again after the "
+                f"manifest was written (dump id {ds.meta.dump_id}, the manifest says "
+                f"{rec['dump_id']}); rewrite it with knnlm-manifest {prefix} --num-shards "
+                f"{meta.num_shards}")
         for f in SHARED_FIELDS:
             if getattr(ds.meta, f) != getattr(meta, f):
                 raise DatastoreError(f"{sp}: {f} is {getattr(ds.meta, f)!r}, the manifest says "
@@ -270,7 +219,7 @@ def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
         keys = ConcatRows([s.keys for s in shards])
         if keys_in_memory:
             logger.info("loading %d keys from %d shards into memory", meta.size, len(shards))
-            keys = np.concatenate([s.keys for s in shards])
+            keys = copy_to_memory(keys)
     return Datastore(prefix=prefix, meta=meta, keys=keys, vals=ConcatRows([s.vals for s in shards]),
                      pos=ConcatRows([s.pos for s in shards]))
 
@@ -303,7 +252,7 @@ def open_datastore(
         keys = None
     elif keys_in_memory:
         logger.info("loading %d keys (%.2f GB) into memory", n, n * d * kd.itemsize / 1e9)
-        keys = np.ascontiguousarray(keys)
+        keys = copy_to_memory(keys)  # a copy: np.ascontiguousarray(memmap) maps the file
     return Datastore(prefix=prefix, meta=meta, keys=keys, vals=vals, pos=pos)
 
 
@@ -314,11 +263,19 @@ def head_datastore(src: PathLike, dst: PathLike, n: int, chunk: int = 1 << 20) -
     if not 0 < n <= ds.size:
         raise ValueError(f"n must be in [1, {ds.size}], got {n}")
     assert ds.keys is not None
-    w = DatastoreWriter(dst, ds.dim, ds.meta.key_dtype, initial_capacity=n)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        w.add(ds.keys[s:e], ds.vals[s:e, 0], ds.pos[s:e])
+    w = DatastoreWriter(dst, ds.dim, ds.meta.key_dtype, expected_rows=n)
+    try:
+        for s in range(0, n, chunk):
+            e = min(n, s + chunk)
+            w.add(ds.keys[s:e], ds.vals[s:e, 0], ds.pos[s:e])
+    except BaseException:
+        w.abort()
+        raise
+    # the head is one plain datastore of its own dump (not a shard, nor a sharded one)
     fields = {k: v for k, v in asdict(ds.meta).items()
               if k not in ("size", "dim", "key_dtype", "created", "extra", "val_dtype",
-                           "pos_dtype", "complete", "format_version")}
-    return w.finish(**fields, extra={**ds.meta.extra, "head_of": str(src), "head_rows": n})
+                           "pos_dtype", "complete", "format_version", "dump_id", "shard_id",
+                           "num_shards")}
+    extra = {k: v for k, v in ds.meta.extra.items() if k != "shards"}
+    return w.finish(**fields, extra={**extra, "head_of": str(src), "head_rows": n,
+                                     "head_of_dump_id": ds.meta.dump_id})

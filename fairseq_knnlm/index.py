@@ -10,6 +10,14 @@ Files next to INDEX:
     INDEX.trained       the trained, empty index (kept: shard-wise builds reuse it)
     INDEX.partial(.json) the last checkpoint of an interrupted build (removed when done)
 
+Every record holds the datastore's fingerprint, dump id included (DatastoreMeta): an index
+built from an earlier dump of the prefix is refused by ``check_index_matches`` (the scorer),
+and saved state from an earlier dump or other settings (INDEX.trained, INDEX.partial,
+INDEX.parts/) is discarded with a warning, never mixed into this build; an explicit
+``--starting-point N > 0`` into such stale state is refused before any work. Flags out of
+range are refused before any file is read (``validate_settings``, ``validate_build_args``).
+Progress: a tqdm bar on a terminal, else a log line every ``progress.LOG_EVERY_S`` seconds.
+
 On-disk build (``build_index_ondisk``, ``knnlm-build-index --on-disk``) for datastores whose
 index does not fit in RAM: train once, add each range of rows (``--add-shard-size``) to its
 own IVF index in a worker process (``--workers``), then merge the inverted lists into one
@@ -17,6 +25,8 @@ own IVF index in a worker process (``--workers``), then merge the inverted lists
     INDEX               the index: quantizer + PQ tables; lists live in INDEX.ivfdata
     INDEX.ivfdata       the merged inverted lists, memory-mapped at query time
     INDEX.parts/        the per-range indexes (kept until the merge is done: resumable)
+Workers exit when the building process dies (PR_SET_PDEATHSIG on Linux, plus a thread that
+polls the parent's pid).
 
 CLI: ``knnlm-build-index --dstore-mmap PREFIX --faiss-index PREFIX.index`` (cli/build_index.py).
 """
@@ -26,7 +36,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
+import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -34,7 +48,9 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from .datastore import Datastore, DatastoreError, open_datastore
+from .errors import FlagError, KNNLMError
 from .memmaps import release_pages, write_json_atomic
+from .progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +61,17 @@ INDEX_TYPES = ("ivfpq", "flat", "opq-ivfpq", "pca-ivfpq", "ivfpq-fastscan")
 # CPU only, not --on-disk.
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 PathLike = Union[str, os.PathLike]
+# testing aid: seconds each --on-disk worker sleeps before adding (a build slow enough to kill)
+WORKER_DELAY_ENV = "FAIRSEQ_KNNLM_TEST_WORKER_DELAY_S"
+PARENT_POLL_S = 1.0  # how often an --on-disk worker checks that its parent is alive
 
 
-class IndexBuildError(RuntimeError):
+class IndexBuildError(KNNLMError):
     """Bad settings or inputs for an index build, reported before any work is done."""
+
+
+class IndexFlagError(IndexBuildError, FlagError):
+    """A build flag out of range (also a ValueError)."""
 
 
 @dataclass
@@ -96,11 +119,37 @@ def _write_index_atomic(index: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _require(ok: bool, flag: str, value: Any, rule: str = "must be positive") -> None:
+    if not ok:
+        raise IndexFlagError(f"{flag} {rule}, got {value}")
+
+
+def validate_settings(settings: IndexSettings) -> None:
+    """Refuse settings no datastore can make sense of (before any file is read): FAISS would
+    segfault (--ncentroids 0) or raise a SWIG traceback (negative values)."""
+    if settings.index_type not in INDEX_TYPES:
+        raise IndexFlagError(f"--index-type must be one of {INDEX_TYPES}, "
+                             f"got {settings.index_type!r}")
+    for flag, v in (("--ncentroids", settings.ncentroids), ("--code-size", settings.code_size),
+                    ("--train-size", settings.train_size), ("--probe", settings.probe),
+                    ("--pca-dim", settings.pca_dim)):
+        _require(v > 0, flag, v)
+
+
+def validate_build_args(add_chunk: int = 1, checkpoint_every: int = 1,
+                        shard_size: Optional[int] = None, workers: int = 1) -> None:
+    """Refuse build arguments out of range (--num-keys-to-add-at-a-time 0 would loop forever)."""
+    _require(add_chunk > 0, "--num-keys-to-add-at-a-time", add_chunk)
+    _require(checkpoint_every > 0, "--checkpoint-every", checkpoint_every)
+    _require(workers > 0, "--workers", workers)
+    if shard_size is not None:
+        _require(shard_size > 0, "--add-shard-size", shard_size,
+                 "must be positive (or 0 on the command line: one part per datastore shard)")
+
+
 def check_settings(settings: IndexSettings, ntotal: int, dim: int) -> IndexSettings:
     """Validate settings against the datastore; pick a smaller ncentroids if needed (logged)."""
-    if settings.index_type not in INDEX_TYPES:
-        raise IndexBuildError(f"--index-type must be one of {INDEX_TYPES}, "
-                              f"got {settings.index_type!r}")
+    validate_settings(settings)
     if ntotal <= 0:
         raise IndexBuildError("the datastore is empty")
     if settings.index_type == "flat":
@@ -159,7 +208,8 @@ def sample_train_ids(ntotal: int, train_size: int, seed: int) -> np.ndarray:
     return np.sort(rng.choice(ntotal, size=n, replace=False))
 
 
-def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20) -> np.ndarray:
+def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20,
+               progress: Optional[Progress] = None) -> np.ndarray:
     """Rows as float32; sorted id arrays are read window by window, releasing the memmap's
     pages after each, so RSS stays at the rows returned, not the pages touched."""
     assert ds.keys is not None
@@ -174,6 +224,8 @@ def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20) -> np.nd
         if b > a:
             out[a:b] = ds.keys[ids[a:b]]
             release_pages(ds.keys)
+            if progress is not None:
+                progress.update(int(b - a))
     return out
 
 
@@ -213,14 +265,45 @@ def _datastore_record(ds: Datastore) -> dict[str, Any]:
     return {"prefix": str(ds.prefix), **ds.meta.fingerprint()}
 
 
-def train_index(ds: Datastore, settings: IndexSettings, gpu: bool = False) -> Any:
+def stale_reason(saved: dict[str, Any], record: dict[str, Any], what: str) -> Optional[str]:
+    """None if a saved state (INDEX.trained, INDEX.partial, INDEX.parts/) was made for this
+    build's ``record`` (datastore fingerprint + settings + ...); else why not, in one line."""
+    if all(saved.get(k) == v for k, v in record.items()):
+        return None
+    old, new = saved.get("datastore") or {}, record.get("datastore") or {}
+    prefix = new.get("prefix")
+    if old.get("dump_id") != new.get("dump_id"):
+        return (f"{what} was built from another dump of {prefix} (dump id {old.get('dump_id')}, "
+                f"now {new.get('dump_id')})")
+    diffs = [f"{k} {old.get(k)!r}, now {v!r}" for k, v in new.items() if old.get(k) != v]
+    if diffs:
+        return f"{what} was built from another datastore ({'; '.join(diffs)})"
+    sold, snew = saved.get("settings") or {}, record.get("settings") or {}
+    diffs = [f"{k} {sold.get(k)!r}, now {v!r}" for k, v in snew.items() if sold.get(k) != v]
+    if diffs:
+        return f"{what} was built with other settings ({'; '.join(diffs)})"
+    diffs = [k for k, v in record.items() if saved.get(k) != v]
+    return f"{what} was made for another build (different {', '.join(diffs)})"
+
+
+def _read_json(path: Path) -> Optional[dict[str, Any]]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def train_index(ds: Datastore, settings: IndexSettings, gpu: bool = False,
+                progress: bool = False) -> Any:
     """Train (no keys added) on a fixed-seed sample of the datastore's keys."""
     index = new_index(settings, ds.dim)
     if index.is_trained:
         return index
     ids = sample_train_ids(ds.size, settings.train_size, settings.seed)
     t0 = time.time()
-    x = _read_keys(ds, ids)
+    bar = Progress("read training sample", len(ids), enabled=progress)
+    x = _read_keys(ds, ids, progress=bar)
+    bar.close()
     logger.info("training %s on %d keys (read in %.1fs)", settings.describe(ds.dim), len(x),
                 time.time() - t0)
     t0 = time.time()
@@ -236,19 +319,26 @@ def train_index(ds: Datastore, settings: IndexSettings, gpu: bool = False) -> An
 
 
 def _trained_index(ds: Datastore, settings: IndexSettings, index_path: Path,
-                   record: dict[str, Any], gpu: bool) -> Any:
-    """INDEX.trained if it was trained from this datastore with these settings, else train
-    (and save) it."""
+                   record: dict[str, Any], gpu: bool, progress: bool = False
+                   ) -> tuple[Any, str]:
+    """INDEX.trained if it was trained from this dump of the datastore with these settings,
+    else train (and save) it. Returns the index and its trained id (random per training:
+    parts of an --on-disk build must come from one trained index)."""
     faiss = _faiss()
     trained = _trained_path(index_path)
     trained_rec = Path(f"{trained}.json")
-    if trained.exists() and trained_rec.exists() and json.loads(trained_rec.read_text()) == record:
-        logger.info("reusing trained index %s", trained)
-        return faiss.read_index(str(trained))
-    index = train_index(ds, settings, gpu=gpu)
+    saved = _read_json(trained_rec) if trained.exists() else None
+    if saved is not None:
+        why = stale_reason(saved, record, trained.name)
+        if why is None and saved.get("trained_id"):
+            logger.info("reusing trained index %s", trained)
+            return faiss.read_index(str(trained)), str(saved["trained_id"])
+        logger.warning("%s: training again", why or f"{trained_rec.name} has no trained id")
+    index = train_index(ds, settings, gpu=gpu, progress=progress)
+    trained_id = uuid.uuid4().hex
     _write_index_atomic(index, trained)
-    write_json_atomic(trained_rec, record)
-    return index
+    write_json_atomic(trained_rec, {**record, "trained_id": trained_id})
+    return index, trained_id
 
 
 def _check_output(index_path: Path) -> None:
@@ -257,6 +347,20 @@ def _check_output(index_path: Path) -> None:
         raise IndexBuildError(f"output folder {out_dir} does not exist")
     if not os.access(out_dir, os.W_OK):
         raise IndexBuildError(f"output folder {out_dir} is not writable")
+
+
+def _resume_state(index_path: Path, record: dict[str, Any]) -> tuple[int, Optional[str]]:
+    """(keys held by a usable INDEX.partial, or 0; why an INDEX.partial there is stale)."""
+    partial, partial_rec = _partial_path(index_path), Path(f"{_partial_path(index_path)}.json")
+    if not partial.exists():
+        return 0, None
+    saved = _read_json(partial_rec)
+    if saved is None:
+        return 0, f"{partial.name} has no readable {partial_rec.name}"
+    why = stale_reason(saved, record, partial.name)
+    if why is not None:
+        return 0, why
+    return int(saved.get("added", 0)), None
 
 
 def build_index(
@@ -270,12 +374,18 @@ def build_index(
     progress: bool = True,
     stop_after: Optional[int] = None,
 ) -> Path:
-    """Build INDEX from a datastore; resumes from INDEX.partial / INDEX.trained if present.
+    """Build INDEX from a datastore; resumes from INDEX.partial / INDEX.trained if present
+    and made from this dump of the datastore with these settings (else they are discarded,
+    with a warning; an explicit starting_point > 0 is then refused).
 
     stop_after (testing aid) stops, as a crash would, once that many keys are added and
     checkpointed. Returns the path of the finished index.
     """
     settings = settings or IndexSettings()
+    validate_settings(settings)
+    validate_build_args(add_chunk=add_chunk, checkpoint_every=checkpoint_every)
+    if starting_point is not None:
+        _require(starting_point >= 0, "--starting-point", starting_point, "must be >= 0")
     index_path = Path(index_path)
     ds = open_datastore(dstore_prefix)  # validates the datastore before any work
     settings = check_settings(settings, ds.size, ds.dim)
@@ -285,56 +395,60 @@ def build_index(
         require_gpu()
     _check_output(index_path)
     record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}
+    partial, partial_rec = _partial_path(index_path), Path(f"{_partial_path(index_path)}.json")
+
+    # 1. resume point, from the saved state's record (before any work: a bad
+    #    --starting-point is refused at once)
+    start, stale = _resume_state(index_path, record)
+    if starting_point is not None and starting_point != start:
+        if stale is not None:
+            raise IndexBuildError(
+                f"--starting-point {starting_point} but {stale}: there is nothing to resume; "
+                "omit --starting-point to build from key 0")
+        raise IndexBuildError(
+            f"--starting-point {starting_point} but the saved state holds {start} keys; "
+            "omit --starting-point to resume from the saved state")
+    if stale is not None:
+        logger.warning("%s: starting again", stale)
+        for p in (partial, partial_rec):
+            if p.exists():
+                p.unlink()
     fin_meta = meta_path(index_path)
     if fin_meta.exists():
         fin_meta.unlink()  # the old index no longer describes what is being built
     faiss = _faiss()
 
-    # 1. trained index: reuse a saved one if it was trained with the same settings
-    index = _trained_index(ds, settings, index_path, record, gpu)
-
-    # 2. resume point
-    partial, partial_rec = _partial_path(index_path), Path(f"{_partial_path(index_path)}.json")
-    start = 0
-    if partial.exists() and partial_rec.exists():
-        rec = json.loads(partial_rec.read_text())
-        if {k: rec.get(k) for k in record} == record:
-            index = faiss.read_index(str(partial))
-            start = int(index.ntotal)
-            logger.info("resuming %s from key %d of %d", index_path, start, ds.size)
-    if starting_point is not None and starting_point != start:
-        raise IndexBuildError(
-            f"--starting-point {starting_point} but the saved state holds {start} keys; "
-            "omit --starting-point to resume from the saved state")
+    # 2. the index to add to: the checkpoint, or the trained index (reused if it was trained
+    #    from this dump with the same settings)
+    if start > 0:
+        index = faiss.read_index(str(partial))
+        logger.info("resuming %s from key %d of %d", index_path, start, ds.size)
+    else:
+        index, _ = _trained_index(ds, settings, index_path, record, gpu, progress=progress)
     if int(index.ntotal) != start:
-        raise IndexBuildError(f"index holds {index.ntotal} keys, expected {start}")
+        raise IndexBuildError(f"{partial} holds {index.ntotal} keys, its record says {start}: "
+                              f"delete {partial} and build again")
 
     # 3. add in chunks, with sequential ids, checkpointing now and then
     index_on = _to_gpu(index) if gpu and settings.index_type != "pca-ivfpq" else index
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=ds.size, initial=start, unit="keys", unit_scale=True, desc="add")
+    bar = Progress("add", ds.size, initial=start, enabled=progress)
     t0, last_ckpt = time.time(), start
     pos = start
-    while pos < ds.size:
-        end = min(ds.size, pos + add_chunk)
-        index_on.add(_read_keys(ds, slice(pos, end)))
-        if bar is not None:
+    try:
+        while pos < ds.size:
+            end = min(ds.size, pos + add_chunk)
+            index_on.add(_read_keys(ds, slice(pos, end)))
             bar.update(end - pos)
-        pos = end
-        if pos < ds.size and (pos - last_ckpt >= checkpoint_every or
-                              (stop_after is not None and pos >= stop_after)):
-            cpu = faiss.index_gpu_to_cpu(index_on) if index_on is not index else index
-            _write_index_atomic(cpu, partial)
-            write_json_atomic(partial_rec, {**record, "added": pos})
-            last_ckpt = pos
-            if stop_after is not None and pos >= stop_after:
-                if bar is not None:
-                    bar.close()
-                raise KeyboardInterrupt(f"stopped after {pos} keys (stop_after)")
-    if bar is not None:
+            pos = end
+            if pos < ds.size and (pos - last_ckpt >= checkpoint_every or
+                                  (stop_after is not None and pos >= stop_after)):
+                cpu = faiss.index_gpu_to_cpu(index_on) if index_on is not index else index
+                _write_index_atomic(cpu, partial)
+                write_json_atomic(partial_rec, {**record, "added": pos})
+                last_ckpt = pos
+                if stop_after is not None and pos >= stop_after:
+                    raise KeyboardInterrupt(f"stopped after {pos} keys (stop_after)")
+    finally:
         bar.close()
     add_time = time.time() - t0
     if index_on is not index:
@@ -367,14 +481,47 @@ def add_ranges(ds: Datastore, shard_size: Optional[int]) -> list[tuple[int, int]
         sizes = [int(r["size"]) for r in shards] if shards else [ds.size]
         bounds = np.cumsum([0] + sizes)
         return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    if shard_size <= 0:
-        raise IndexBuildError(f"--add-shard-size must be positive, got {shard_size}")
+    validate_build_args(shard_size=shard_size)
     return [(a, min(ds.size, a + shard_size)) for a in range(0, ds.size, shard_size)]
+
+
+def _set_parent_death_signal(sig: int) -> bool:
+    """Linux: have the kernel send ``sig`` to this process when its parent dies."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(1, int(sig), 0, 0, 0) == 0  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        return False
+
+
+def _watch_parent(parent_pid: int, every: float) -> None:
+    while True:
+        time.sleep(every)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def _worker_init(parent_pid: int) -> None:
+    """Initializer of --on-disk worker processes: exit when the building process dies
+    (killed, OOM), instead of adding keys for nobody. PR_SET_PDEATHSIG on Linux, and a
+    thread that polls the parent pid everywhere (the portable fallback)."""
+    _set_parent_death_signal(signal.SIGTERM)
+    if os.getppid() != parent_pid:  # it died before the signal was set
+        os._exit(1)
+    threading.Thread(target=_watch_parent, args=(parent_pid, PARENT_POLL_S), daemon=True,
+                     name="watch-parent").start()
 
 
 def _add_range_worker(dstore_prefix: str, trained: str, lo: int, hi: int, out: str,
                       add_chunk: int, threads: int) -> int:
     """Worker process: add rows [lo, hi) (ids lo..hi-1) to a copy of the trained index."""
+    delay = float(os.environ.get(WORKER_DELAY_ENV) or 0)
+    if delay > 0:
+        time.sleep(delay)
     faiss = _faiss()
     if threads > 0:
         faiss.omp_set_num_threads(threads)
@@ -403,21 +550,23 @@ def build_index_ondisk(
     RAM is bounded by the flags, not by the datastore: the training sample (train_size x dim
     floats), and per worker one chunk of keys (add_chunk x dim floats) plus its range's codes
     (shard_size x (code_size + 8) bytes). Finished parts survive an interruption: a rerun
-    adds only the missing ones, then merges. stop_after_parts (testing aid) stops, as a crash
-    would, after that many parts are written.
+    adds only the missing ones, then merges, if they were made from this dump of the
+    datastore with the same settings and trained index (else they are discarded, with a
+    warning). Workers exit when this process dies. stop_after_parts (testing aid) stops, as
+    a crash would, after that many parts are written.
     """
     import concurrent.futures as cf
     import multiprocessing as mp
 
     settings = settings or IndexSettings()
+    validate_settings(settings)
+    validate_build_args(add_chunk=add_chunk, shard_size=shard_size, workers=workers)
     index_path = Path(index_path)
     ds = open_datastore(dstore_prefix)
     settings = check_settings(settings, ds.size, ds.dim)
     if settings.index_type in ("flat", "ivfpq-fastscan"):
         raise IndexBuildError(f"--on-disk merges IVF inverted lists of 8-bit PQ codes: use "
                               f"ivfpq, opq-ivfpq or pca-ivfpq, not {settings.index_type}")
-    if workers <= 0:
-        raise IndexBuildError(f"--workers must be positive, got {workers}")
     _check_output(index_path)
     ranges = add_ranges(ds, shard_size)
     record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}
@@ -425,16 +574,21 @@ def build_index_ondisk(
     if fin_meta.exists():
         fin_meta.unlink()
     faiss = _faiss()
-    _trained_index(ds, settings, index_path, record, gpu=False)
+    _, trained_id = _trained_index(ds, settings, index_path, record, gpu=False,
+                                   progress=progress)
     trained = _trained_path(index_path)
 
     pdir = parts_dir(index_path)
     pdir.mkdir(exist_ok=True)
-    plan_rec = {**record, "ranges": ranges}
+    plan_rec = json.loads(json.dumps({**record, "ranges": ranges, "trained_id": trained_id}))
     plan_file = pdir / "plan.json"
-    if plan_file.exists() and json.loads(plan_file.read_text()) != json.loads(json.dumps(plan_rec)):
-        logger.warning("%s was made for another build: starting its parts again", pdir)
-        for f in pdir.glob("part*.index"):
+    old_parts = sorted(pdir.glob("part*.index"))
+    saved = _read_json(plan_file) if plan_file.exists() else None
+    why = (stale_reason(saved, plan_rec, f"{pdir.name}/") if saved is not None else
+           f"{pdir.name}/ has no plan.json" if old_parts else None)
+    if why is not None and old_parts:
+        logger.warning("%s: starting its %d parts again", why, len(old_parts))
+        for f in old_parts:
             f.unlink()
     write_json_atomic(plan_file, plan_rec)
     parts = [pdir / f"part{i:05d}.index" for i in range(len(ranges))]
@@ -443,13 +597,9 @@ def build_index_ondisk(
         logger.info("resuming: %d of %d parts already built", len(parts) - len(todo), len(parts))
     threads = max(1, (os.cpu_count() or 1) // workers)
     t0 = time.time()
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=ds.size, initial=ds.size - sum(ranges[i][1] - ranges[i][0]
-                                                         for i in todo),
-                   unit="keys", unit_scale=True, desc="add (parts)")
+    bar = Progress("add (parts)", ds.size,
+                   initial=ds.size - sum(ranges[i][1] - ranges[i][0] for i in todo),
+                   enabled=progress)
     done = 0
     args = [(str(dstore_prefix), str(trained), ranges[i][0], ranges[i][1], str(parts[i]),
              add_chunk, threads) for i in todo]
@@ -459,7 +609,8 @@ def build_index_ondisk(
     else:
         from . import NO_FAIRSEQ_ENV
 
-        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+        pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
+                                      initializer=_worker_init, initargs=(os.getpid(),))
         old_env = os.environ.get(NO_FAIRSEQ_ENV)
         os.environ[NO_FAIRSEQ_ENV] = "1"  # workers need faiss and numpy only
         try:
@@ -475,14 +626,12 @@ def build_index_ondisk(
             lo, hi = ranges[i]
             if n != hi - lo:
                 raise IndexBuildError(f"part {i} holds {n} keys, expected {hi - lo}")
-            if bar is not None:
-                bar.update(n)
+            bar.update(n)
             done += 1
             if stop_after_parts is not None and done >= stop_after_parts and done < len(todo):
                 raise KeyboardInterrupt(f"stopped after {done} parts (stop_after_parts)")
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
         if pool is not None:
             pool.shutdown(cancel_futures=True)
     add_time = time.time() - t0
@@ -525,15 +674,20 @@ def read_index_record(index_path: PathLike) -> dict[str, Any]:
 
 
 def check_index_matches(index_path: PathLike, ds: Datastore) -> dict[str, Any]:
-    """Refuse an index that was built from another datastore, naming both sides."""
+    """Refuse an index that was built from another datastore, or from another dump of this
+    one (dump id), naming both sides. An index recorded before dump ids existed is checked
+    on the fields it recorded, as long as the datastore is that old too (no dump id)."""
     rec = read_index_record(index_path)
     built = rec.get("datastore", {})
     have = ds.meta.fingerprint()
+    legacy = "dump_id" not in built and ds.meta.dump_id is None
     diffs = [f"{k}: index built from {built.get(k)!r}, datastore has {v!r}"
-             for k, v in have.items() if built.get(k) != v]
+             for k, v in have.items() if built.get(k) != v and not (legacy and k not in built)]
     if diffs:
+        hint = ("the datastore was dumped again after the index was built: rebuild it with "
+                "knnlm-build-index" if built.get("dump_id") != have["dump_id"] else "")
         raise DatastoreError(f"{index_path} does not belong to datastore {ds.prefix}: "
-                             + "; ".join(diffs))
+                             + "; ".join(diffs) + (f" ({hint})" if hint else ""))
     return rec
 
 

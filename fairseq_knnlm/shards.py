@@ -8,10 +8,14 @@ it by hand (for shards copied together from several machines). Every tool that t
 datastore prefix takes ``PREFIX`` then: rows are numbered shard 0 first, then shard 1, ...
 
     PREFIX_manifest.json   {"num_shards", "size", "dim", "key_dtype", "keytype", ...,
-                            "shards": [{"prefix": "train_shard0of2", "size": 1234}, ...]}
+                            "dump_id": hash of the shards' dump ids,
+                            "shards": [{"prefix": "train_shard0of2", "size": 1234,
+                                        "dump_id": "..."}, ...]}
 
 Shard paths are stored relative to the manifest's folder, so the set can be moved together.
-The manifest's sizes are checked against each shard's own meta file when it is opened.
+The manifest's sizes and dump ids are checked against each shard's own meta file when it is
+opened (a shard dumped again after the manifest was written is refused). File names, the
+manifest reader and the errors live in dstore_meta.py (below this module and datastore.py).
 
 Also here: ``ConcatRows`` (row access across several memmaps without copying them) and
 ``contiguous_range`` (which blocks a shard dumps), plain numpy, no fairseq.
@@ -19,7 +23,6 @@ Also here: ``ConcatRows`` (row access across several memmaps without copying the
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -27,23 +30,21 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
+from .dstore_meta import (  # noqa: F401  (manifest_path, read_manifest: re-exported)
+    MANIFEST_VERSION,
+    SHARED_FIELDS,
+    DatastoreError,
+    ShardNotReady,
+    combined_dump_id,
+    manifest_path,
+    read_manifest,
+    read_meta,
+    shard_prefix,
+)
 from .memmaps import write_json_atomic
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
-MANIFEST_VERSION = 1
-# fields every shard must agree on (they make the shards one datastore)
-SHARED_FIELDS = ("dim", "key_dtype", "keytype", "val_dtype", "pos_dtype", "model_sha256",
-                 "dict_size", "dict_sha256", "subset", "context_window", "tokens_per_sample",
-                 "sample_break_mode")
-
-
-def manifest_path(prefix: PathLike) -> Path:
-    return Path(f"{prefix}_manifest.json")
-
-
-def shard_prefix(prefix: PathLike, shard_id: int, num_shards: int) -> Path:
-    return Path(f"{prefix}_shard{shard_id}of{num_shards}")
 
 
 def contiguous_range(n_items: int, num_shards: int, shard_id: int) -> tuple[int, int]:
@@ -157,9 +158,8 @@ class ConcatRows:
 
 def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
     """Check that all shards of PREFIX are finished and agree; write PREFIX_manifest.json.
-    Raises ShardNotReady while a shard has not finished."""
-    from .datastore import DatastoreError, ShardNotReady, read_meta
-
+    Raises ShardNotReady while a shard has not finished. Each shard's dump id is recorded
+    (checked when the datastore is opened); the manifest's own is derived from them."""
     prefix = Path(prefix)
     metas = []
     for i in range(num_shards):
@@ -183,8 +183,9 @@ def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
         "size": int(sum(m.size for m in metas)),
         **{f: getattr(first, f) for f in SHARED_FIELDS},
         "model_path": first.model_path,
-        "shards": [{"prefix": shard_prefix(prefix, i, num_shards).name, "size": m.size}
-                   for i, m in enumerate(metas)],
+        "dump_id": combined_dump_id([m.dump_id for m in metas]),
+        "shards": [{"prefix": shard_prefix(prefix, i, num_shards).name, "size": m.size,
+                    "dump_id": m.dump_id} for i, m in enumerate(metas)],
     }
     write_json_atomic(manifest_path(prefix), manifest)
     logger.info("wrote %s: %d shards, %d entries", manifest_path(prefix), num_shards,
@@ -195,30 +196,9 @@ def write_manifest(prefix: PathLike, num_shards: int) -> dict[str, Any]:
 def try_write_manifest(prefix: PathLike, num_shards: int) -> bool:
     """Write the manifest if every shard has finished (called by each shard as it ends);
     shards that disagree still raise."""
-    from .datastore import ShardNotReady
-
     try:
         write_manifest(prefix, num_shards)
     except ShardNotReady as e:  # a later shard will write it
         logger.info("%s; the last shard to finish writes %s", e, manifest_path(prefix).name)
         return False
     return True
-
-
-def read_manifest(prefix: PathLike) -> dict[str, Any]:
-    from .datastore import DatastoreError
-
-    mp = manifest_path(prefix)
-    try:
-        m = json.loads(mp.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DatastoreError(f"{mp}: unreadable manifest ({e})") from e
-    if int(m.get("format_version", 0)) > MANIFEST_VERSION:
-        raise DatastoreError(f"{mp}: manifest version {m['format_version']} is newer than this "
-                             "plugin's; upgrade fairseq-knnlm")
-    for f in ("shards", "size", "dim", "key_dtype", "num_shards"):
-        if f not in m:
-            raise DatastoreError(f"{mp}: manifest lacks field {f!r}")
-    if len(m["shards"]) != m["num_shards"]:
-        raise DatastoreError(f"{mp}: lists {len(m['shards'])} shards, says {m['num_shards']}")
-    return m

@@ -4,12 +4,24 @@
 
 Size, dimension and dtypes come from the datastore's meta file (or, for a sharded dump, its
 manifest). An interrupted build resumes from its last checkpoint when run again with the same
-arguments. Also: python -m fairseq_knnlm.cli.build_index.
+arguments (a checkpoint made from an earlier dump of the datastore is discarded, with a
+warning). Also: python -m fairseq_knnlm.cli.build_index.
+
+The authors' build_dstore.py command line works unchanged (underscore spellings are aliases;
+--dstore_size and --dimension are checked against the meta file, --dstore_fp16 is implied by
+it):
+
+    knnlm-build-index --dstore_mmap checkpoints/dstore --dstore_size 103225485 \\
+        --dimension 1024 --faiss_index checkpoints/knn.index \\
+        --num_keys_to_add_at_a_time 500000 --starting_point 0 --dstore_fp16 \\
+        --ncentroids 4096 --code_size 64 --probe 32 --seed 1
 
 Beyond RAM: --on-disk adds ranges of --add-shard-size rows in --workers processes and merges
 their inverted lists into INDEX.ivfdata (memory-mapped at query time):
 
     knnlm-build-index --dstore-mmap big --faiss-index big.index --on-disk --workers 2
+
+Progress: a bar on a terminal; in a log file, a line every 30 s (keys done, keys/s, ETA).
 """
 
 from __future__ import annotations
@@ -19,27 +31,35 @@ import logging
 import sys
 from typing import Optional
 
-from ..datastore import DatastoreError
+from ..datastore import DatastoreMeta, read_meta
+from ..errors import KNNLMError
 from ..index import (
     INDEX_TYPES,
     IndexBuildError,
+    IndexFlagError,
     IndexSettings,
     build_index,
     build_index_ondisk,
+    validate_build_args,
+    validate_settings,
 )
+
+logger = logging.getLogger("fairseq_knnlm.cli.build_index")
 
 
 def get_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="knnlm-build-index", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dstore-mmap", required=True, help="datastore prefix (from the dump)")
-    p.add_argument("--faiss-index", required=True, help="output index path")
+    p.add_argument("--dstore-mmap", "--dstore_mmap", dest="dstore_mmap", required=True,
+                   help="datastore prefix (from the dump)")
+    p.add_argument("--faiss-index", "--faiss_index", dest="faiss_index", required=True,
+                   help="output index path")
     p.add_argument("--index-type", default="ivfpq", choices=INDEX_TYPES,
                    help="ivfpq (paper), flat (exact, small datastores), opq-ivfpq, pca-ivfpq")
     p.add_argument("--ncentroids", type=int, default=4096,
                    help="IVF lists (paper: 4096; lowered automatically, with a warning, when "
                         "the datastore has fewer than 39 keys per centroid)")
-    p.add_argument("--code-size", type=int, default=64,
+    p.add_argument("--code-size", "--code_size", dest="code_size", type=int, default=64,
                    help="PQ bytes per vector = sub-quantizers of 8 bits (paper: 64); must "
                         "divide the dimension")
     p.add_argument("--train-size", type=int, default=1_000_000,
@@ -47,12 +67,14 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", type=int, default=32, help="nprobe recorded for search (paper: 32)")
     p.add_argument("--seed", type=int, default=1, help="seed of the training sample")
     p.add_argument("--pca-dim", type=int, default=512, help="output dim of pca-ivfpq")
-    p.add_argument("--num-keys-to-add-at-a-time", type=int, default=500_000,
+    p.add_argument("--num-keys-to-add-at-a-time", "--num_keys_to_add_at_a_time",
+                   dest="num_keys_to_add_at_a_time", type=int, default=500_000,
                    help="keys read from the memmap and added per chunk (bounds RAM)")
     p.add_argument("--checkpoint-every", type=int, default=5_000_000,
                    help="save the partial index every this many added keys (for resuming)")
-    p.add_argument("--starting-point", type=int, default=None,
-                   help="check that the build resumes at this key (default: detected)")
+    p.add_argument("--starting-point", "--starting_point", dest="starting_point", type=int,
+                   default=None, help="check that the build resumes at this key (default: "
+                                      "detected; 0 = a fresh build)")
     p.add_argument("--gpu", action="store_true", help="train and add on GPU (CUDA FAISS)")
     p.add_argument("--on-disk", action="store_true",
                    help="inverted lists in INDEX.ivfdata (OnDiskInvertedLists), built part by "
@@ -65,11 +87,46 @@ def get_parser() -> argparse.ArgumentParser:
                         "split between them)")
     p.add_argument("--keep-parts", action="store_true",
                    help="--on-disk: keep INDEX.parts/ after the merge")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (nor progress log lines)")
+    g = p.add_argument_group("the authors' build_dstore.py flags (checked, not needed: the "
+                             "meta file has these)")
+    g.add_argument("--dstore-size", "--dstore_size", dest="dstore_size", type=int,
+                   default=None, help="must equal the datastore's size")
+    g.add_argument("--dimension", type=int, default=None,
+                   help="must equal the datastore's key dimension")
+    g.add_argument("--dstore-fp16", "--dstore_fp16", dest="dstore_fp16", action="store_true",
+                   help="accepted; the key dtype comes from the meta file")
     return p
 
 
+def _spelling(argv: list[str], *names: str) -> str:
+    """The spelling of a flag the user typed (for messages), else the first name."""
+    for a in argv:
+        for n in names:
+            if a == n or a.startswith(n + "="):
+                return n
+    return names[0]
+
+
+def check_declared(meta: DatastoreMeta, args: argparse.Namespace, argv: list[str]) -> None:
+    """The authors' hand-typed --dstore_size / --dimension must agree with the meta file (a
+    wrong size was the classic bug: rows silently left out or read past the end)."""
+    for value, have, names, what in (
+            (args.dstore_size, meta.size, ("--dstore_size", "--dstore-size"), "entries"),
+            (args.dimension, meta.dim, ("--dimension",), "dimensions")):
+        if value is not None and value != have:
+            flag = _spelling(argv, *names)
+            raise IndexFlagError(
+                f"{flag} {value} disagrees with the datastore {args.dstore_mmap}: its meta "
+                f"file says {have} {what}; drop {flag} (it is read from the meta file)")
+    if args.dstore_fp16 and meta.key_dtype != "float16":
+        logger.warning("--dstore-fp16: the keys of %s are %s (from its meta file); using "
+                       "that", args.dstore_mmap, meta.key_dtype)
+
+
 def cli_main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(name)s | "
                         "%(message)s")
@@ -77,9 +134,17 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
                              code_size=args.code_size, train_size=args.train_size,
                              probe=args.probe, seed=args.seed, pca_dim=args.pca_dim)
     try:
+        # every flag is checked before any file is read or written
+        validate_settings(settings)
+        validate_build_args(add_chunk=args.num_keys_to_add_at_a_time,
+                            checkpoint_every=args.checkpoint_every,
+                            shard_size=args.add_shard_size or None, workers=args.workers)
+        if args.starting_point is not None and args.starting_point < 0:
+            raise IndexFlagError(f"--starting-point must be >= 0, got {args.starting_point}")
+        if args.on_disk and args.gpu:
+            raise IndexBuildError("--on-disk builds on CPU: drop --gpu")
+        check_declared(read_meta(args.dstore_mmap), args, argv)
         if args.on_disk:
-            if args.gpu:
-                raise IndexBuildError("--on-disk builds on CPU: drop --gpu")
             build_index_ondisk(args.dstore_mmap, args.faiss_index, settings,
                                shard_size=args.add_shard_size or None, workers=args.workers,
                                add_chunk=args.num_keys_to_add_at_a_time,
@@ -90,7 +155,7 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
                         starting_point=args.starting_point,
                         checkpoint_every=args.checkpoint_every, gpu=args.gpu,
                         progress=not args.no_progress)
-    except (IndexBuildError, DatastoreError) as e:
+    except KNNLMError as e:
         print(f"knnlm-build-index: error: {e}", file=sys.stderr)
         return 2
     return 0
