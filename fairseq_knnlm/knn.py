@@ -16,12 +16,31 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from .errors import FlagError
 from .shards import ConcatRows
 
-# log p_kNN where no neighbour carries the target: finite, so that lambda = 1 still gives a
-# finite (huge) perplexity instead of inf; the authors' code used the same -10000 mask.
+# log p_kNN where no neighbour carries the target (the authors' code masked with the same
+# -10000 "for stability"). Finite on purpose: eval-lm drops tokens scored -inf from its loss
+# (with an info line), so -inf at lambda = 1 would average over the found targets only. With
+# lambda < 1 the floor is harmless (exp(-10000) is 0 next to p_LM); with lambda = 1 every
+# token counts and eval-lm's loss (mean NLL in bits) is a finite number. It does NOT keep the
+# perplexity finite: eval-lm prints 2**loss as a float32, inf once the loss passes 128 bits,
+# i.e. once about 1% of the targets are missing from their neighbours (10000 nats each);
+# sweep.ppl_from_nll reports the same inf.
 KNN_LOGP_FLOOR = -10000.0
 SIM_FUNCS = ("l2", "faiss_l2", "dot")
+# other names for --knn-sim-func: the authors' fork calls FAISS's distances do_not_recomp_l2
+SIM_FUNC_ALIASES = {"do_not_recomp_l2": "faiss_l2"}
+
+
+def normalize_sim_func(name: str) -> str:
+    """The canonical --knn-sim-func name ('do_not_recomp_l2' -> 'faiss_l2'); FlagError for
+    an unknown one."""
+    canon = SIM_FUNC_ALIASES.get(name, name)
+    if canon not in SIM_FUNCS:
+        names = ", ".join((*SIM_FUNCS, *SIM_FUNC_ALIASES))
+        raise FlagError(f"--knn-sim-func must be one of {names}, got {name!r}")
+    return canon
 
 
 def knn_log_prob(

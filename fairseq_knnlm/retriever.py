@@ -17,9 +17,10 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .datastore import Datastore, DatastoreError, open_datastore
+from .datastore import Datastore, open_datastore
+from .errors import FlagError
 from .index import check_index_matches, load_index, search
-from .knn import SIM_FUNCS, knn_log_prob, recompute_distances
+from .knn import knn_log_prob, normalize_sim_func, recompute_distances
 
 logger = logging.getLogger(__name__)
 
@@ -42,26 +43,27 @@ class KNNRetriever:
         index_path: Union[str, Path],
         k: int = 1024,
         probe: int = 32,
-        sim_func: str = "l2",
+        sim_func: str = "l2",  # l2, faiss_l2 (alias do_not_recomp_l2) or dot
         temperature: float = 1.0,
         keys_in_memory: bool = False,
         load_keys: bool = True,
         gpu: bool = False,
         mmap_index: bool = False,
     ) -> None:
-        if sim_func not in SIM_FUNCS:
-            raise ValueError(f"--knn-sim-func must be one of {SIM_FUNCS}, got {sim_func!r}")
+        sim_func = normalize_sim_func(sim_func)  # do_not_recomp_l2 -> faiss_l2
         if not load_keys and sim_func != "faiss_l2":
-            raise ValueError(f"--no-load-keys leaves no keys to compute '{sim_func}' distances "
-                             "from: use --knn-sim-func faiss_l2 or drop --no-load-keys")
-        if temperature <= 0:
-            raise ValueError(f"--knn-temp must be > 0, got {temperature}")
+            raise FlagError(f"--no-load-keys leaves no keys to compute '{sim_func}' distances "
+                            "from: use --knn-sim-func faiss_l2 or drop --no-load-keys")
+        if not temperature > 0:
+            raise FlagError(f"--knn-temp must be > 0, got {temperature}")
         if k <= 0:
-            raise ValueError(f"--k must be positive, got {k}")
+            raise FlagError(f"--k must be positive, got {k}")
+        if probe <= 0:
+            raise FlagError(f"--probe must be positive, got {probe}")
         self.ds: Datastore = open_datastore(dstore_prefix, load_keys=load_keys,
                                             keys_in_memory=keys_in_memory)
         if k > self.ds.size:
-            raise DatastoreError(f"--k {k} is larger than the datastore ({self.ds.size} entries)")
+            raise FlagError(f"--k {k} is larger than the datastore ({self.ds.size} entries)")
         self.record = check_index_matches(index_path, self.ds)
         self.k, self.sim_func, self.temperature = k, sim_func, temperature
         self.index = load_index(index_path, probe=probe, gpu=gpu, mmap=mmap_index)

@@ -10,12 +10,27 @@ Saved by ``fairseq-eval-lm ... --knnlm --knn-save-neighbors PREFIX`` (one row pe
     PREFIX_cache_logp.npy float32 (n,)  log p_cache(target) (only with --knn-cache)
     PREFIX_meta.json
 
-Sweep maths: for each row, neighbours sorted by the chosen distance; for every k' the
-top-k' neighbours give log p_kNN = logsumexp(-d/T over matches) - logsumexp(-d/T over all).
+Columns are in FAISS's order (nearest first by FAISS's own, possibly quantized, distance;
+-1 ids, where FAISS found fewer than k, last). A sharded pass writes one such file set per
+shard, ``PREFIX_shard{I}of{N}_*``, and the last shard ``PREFIX_manifest.json``; loading
+``PREFIX`` then reads the shards' rows one after the other (``load_neighbors``).
+
+Sweep maths: for every k' the neighbours kept are chosen by ``k_select``:
+
+* ``faiss`` (default): the first k' columns, i.e. FAISS's top-k', exactly what an online run
+  with ``--k k'`` retrieves (FAISS's top-k' of a search for k >= k' are its first k'
+  results), so every k' reproduces that run;
+* ``exact-l2``: the k' nearest by exact L2 among the saved k (needs PREFIX_l2_dists): what a
+  larger search re-ranked by exact distance would keep; it differs from any online run at
+  k' < k whenever FAISS's order differs from exact L2 (IVFPQ).
+
+They are then scored with the chosen distance (``l2``: exact, ``faiss_l2``: FAISS's), as
+knn.knn_log_prob does online: log p_kNN = logsumexp(-d/T over matches) - logsumexp(-d/T).
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import math
@@ -25,11 +40,22 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
+from .errors import FlagError, KNNLMError
 from .knn import KNN_LOGP_FLOOR
 from .memmaps import RowWriter, open_rows, write_json_atomic
+from .shards import ConcatRows, shard_prefix
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
+DISTS = {"l2": "l2_dists", "faiss_l2": "faiss_dists"}  # --dists name -> saved array
+K_SELECTS = ("faiss", "exact-l2")
+# what each shard of a sharded pass must agree on for its rows to be one file
+SHARED_META = ("k", "arrays", "subset", "datastore", "probe")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+class NeighborsError(KNNLMError):
+    """A saved-neighbours file set that is missing, unfinished or inconsistent."""
 
 
 def _p(prefix: PathLike, name: str) -> Path:
@@ -41,9 +67,10 @@ class NeighborWriter:
 
     def __init__(self, prefix: PathLike, k: int, with_l2: bool, with_cache: bool) -> None:
         self.prefix, self.k = Path(prefix), k
-        meta = Path(f"{prefix}_meta.json")
-        if meta.exists():
-            meta.unlink()
+        # the files being rewritten no longer describe a finished pass (a sharded pass's
+        # manifest at this prefix included: this unsharded pass replaces it)
+        for stale in (meta_path(prefix), manifest_path(prefix)):
+            stale.unlink(missing_ok=True)
         specs = {
             "targets": (_p(prefix, "targets"), np.int32, ()),
             "lm_logp": (_p(prefix, "lm_logp"), np.float32, ()),
@@ -72,24 +99,157 @@ class NeighborWriter:
 @dataclass
 class Neighbors:
     meta: dict[str, Any]
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, Any]  # name -> (n, ...) memmap, or ConcatRows over a sharded pass's
 
     @property
     def n(self) -> int:
         return int(self.meta["n"])
 
 
-def load_neighbors(prefix: PathLike) -> Neighbors:
-    mp = Path(f"{prefix}_meta.json")
-    if not mp.exists():
-        raise FileNotFoundError(f"{mp} not found: no finished neighbour file at {prefix}")
-    meta = json.loads(mp.read_text())
-    n, k = int(meta["n"]), int(meta["k"])
-    spec = {"targets": (np.int32, ()), "lm_logp": (np.float32, ()), "ids": (np.int64, (k,)),
-            "faiss_dists": (np.float32, (k,)), "match": (np.uint8, (k,)),
-            "l2_dists": (np.float32, (k,)), "cache_logp": (np.float32, ())}
-    arrays = {name: open_rows(_p(prefix, name), *spec[name], n) for name in meta["arrays"]}
+_SPEC = {"targets": (np.int32, False), "lm_logp": (np.float32, False),
+         "ids": (np.int64, True), "faiss_dists": (np.float32, True), "match": (np.uint8, True),
+         "l2_dists": (np.float32, True), "cache_logp": (np.float32, False)}
+
+
+def meta_path(prefix: PathLike) -> Path:
+    return Path(f"{prefix}_meta.json")
+
+
+def manifest_path(prefix: PathLike) -> Path:
+    return Path(f"{prefix}_manifest.json")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise NeighborsError(f"{path}: unreadable ({e})") from e
+    if not isinstance(obj, dict):
+        raise NeighborsError(f"{path}: not a JSON object")
+    return obj
+
+
+def _load_plain(prefix: PathLike) -> Neighbors:
+    """One finished file set PREFIX_*: its meta and read-only memmaps of its arrays."""
+    meta = _read_json(meta_path(prefix))
+    try:
+        n, k, names = int(meta["n"]), int(meta["k"]), list(meta["arrays"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise NeighborsError(f"{meta_path(prefix)}: lacks n, k or arrays ({e})") from e
+    unknown = sorted(set(names) - set(_SPEC))
+    if unknown:
+        raise NeighborsError(f"{meta_path(prefix)}: unknown arrays {unknown}")
+    arrays = {}
+    for name in names:
+        dtype, per_k = _SPEC[name]
+        try:
+            arrays[name] = open_rows(_p(prefix, name), dtype, (k,) if per_k else (), n)
+        except (OSError, ValueError) as e:
+            raise NeighborsError(str(e)) from e
     return Neighbors(meta=meta, arrays=arrays)
+
+
+def _unfinished_shards(prefix: Path) -> list[Path]:
+    pattern = f"{glob.escape(prefix.name)}_shard*of*_meta.json"
+    return sorted(prefix.parent.glob(pattern))
+
+
+def _load_sharded(prefix: Path) -> Neighbors:
+    """The shards listed in PREFIX_manifest.json as one Neighbors: rows of shard 0, then 1, ...
+    Each shard's n and k are checked against the manifest, and what makes the shards one
+    pass (SHARED_META) against shard 0."""
+    mp = manifest_path(prefix)
+    man = _read_json(mp)
+    try:
+        num, total, k = int(man["num_shards"]), int(man["n"]), int(man["k"])
+        listed = [(str(s["prefix"]), int(s["n"])) for s in man["shards"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise NeighborsError(f"{mp}: lacks num_shards, n, k or shards[].prefix/n ({e})") from e
+    if len(listed) != num:
+        raise NeighborsError(f"{mp}: lists {len(listed)} shards but says num_shards={num}")
+    if sum(n for _, n in listed) != total:
+        raise NeighborsError(f"{mp}: shard rows add up to {sum(n for _, n in listed)}, "
+                             f"not n={total}")
+    parts: list[Neighbors] = []
+    for i, (name, n) in enumerate(listed):
+        sp = mp.parent / name
+        if not meta_path(sp).exists():
+            raise NeighborsError(f"shard {i} of {num} is missing: {meta_path(sp)} not found "
+                                 f"(listed in {mp})")
+        nb = _load_plain(sp)
+        if nb.n != n:
+            raise NeighborsError(f"shard {i} of {num} ({sp}) has {nb.n} rows, {mp} says {n}")
+        if int(nb.meta["k"]) != k:
+            raise NeighborsError(f"shard {i} of {num} ({sp}) was saved with k={nb.meta['k']}, "
+                                 f"{mp} says k={k}")
+        if "shard_id" in nb.meta and (nb.meta["shard_id"], nb.meta.get("num_shards")) != (i, num):
+            raise NeighborsError(f"{meta_path(sp)} says shard {nb.meta['shard_id']} of "
+                                 f"{nb.meta.get('num_shards')}, {mp} lists it as {i} of {num}")
+        if parts:
+            first = parts[0].meta
+            diffs = [f"{f}: {first[f]!r} vs {nb.meta[f]!r}" for f in SHARED_META
+                     if f in first and f in nb.meta and _canon(first[f]) !=
+                     _canon(nb.meta[f])]
+            if diffs:
+                raise NeighborsError(f"shard {i} of {num} ({sp}) disagrees with shard 0: "
+                                     + "; ".join(diffs))
+        parts.append(nb)
+    names = sorted(parts[0].arrays) if parts else []
+    arrays = {name: ConcatRows([p.arrays[name] for p in parts]) for name in names}
+    meta = {**(parts[0].meta if parts else {}), "n": total, "k": k, "arrays": names,
+            "num_shards": num, "shards": [{"prefix": name, "n": n} for name, n in listed]}
+    meta.pop("shard_id", None)
+    return Neighbors(meta=meta, arrays=arrays)
+
+
+def _canon(x: Any) -> Any:
+    return sorted(x) if isinstance(x, list) else x
+
+
+def write_neighbors_manifest(prefix: PathLike, num_shards: int) -> Optional[dict[str, Any]]:
+    """Write PREFIX_manifest.json over the shards PREFIX_shard{I}of{N} if all have finished
+    (their meta files exist) and return it; None while some shard has not finished (the last
+    shard to finish writes it). Shards saved with different k raise NeighborsError."""
+    prefix = Path(prefix)
+    shards = []
+    for i in range(num_shards):
+        sp = shard_prefix(prefix, i, num_shards)
+        if not meta_path(sp).exists():
+            logger.info("neighbour shard %d of %d not finished yet: the last shard to finish "
+                        "writes %s", i, num_shards, manifest_path(prefix).name)
+            return None
+        m = _read_json(meta_path(sp))
+        shards.append((sp.name, int(m["n"]), int(m["k"])))
+    ks = {k for _, _, k in shards}
+    if len(ks) != 1:
+        raise NeighborsError(f"neighbour shards of {prefix} were saved with different k: "
+                             f"{sorted(ks)}")
+    man = {"num_shards": num_shards, "n": sum(n for _, n, _ in shards), "k": ks.pop(),
+           "shards": [{"prefix": name, "n": n} for name, n, _ in shards]}
+    write_json_atomic(manifest_path(prefix), man)
+    logger.info("wrote %s: %d shards, %d rows", manifest_path(prefix), num_shards, man["n"])
+    return man
+
+
+def load_neighbors(prefix: PathLike) -> Neighbors:
+    """The neighbours saved at PREFIX by --knn-save-neighbors: one pass's PREFIX_meta.json, or
+    a sharded pass's PREFIX_manifest.json (its shards' rows concatenated in shard order).
+    Raises NeighborsError (one line) for a missing, unfinished or inconsistent file set."""
+    prefix = Path(prefix)
+    plain, man = meta_path(prefix), manifest_path(prefix)
+    if plain.exists() and man.exists():
+        raise NeighborsError(f"both {plain} (an unsharded pass) and {man} (a sharded pass) "
+                             "exist: delete the stale one's files")
+    if man.exists():
+        return _load_sharded(prefix)
+    if plain.exists():
+        return _load_plain(prefix)
+    pending = _unfinished_shards(prefix)
+    if pending:
+        raise NeighborsError(f"{man} not found: the sharded pass has not finished: manifest "
+                             f"missing ({len(pending)} shard(s) finished: "
+                             f"{', '.join(p.name for p in pending)})")
+    raise NeighborsError(f"{plain} not found: no finished neighbour file at {prefix}")
 
 
 def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -99,19 +259,38 @@ def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
         return np.log(np.sum(np.exp(x - m), axis=axis)) + np.squeeze(m, axis)
 
 
-def sort_by_distance(dists: np.ndarray, match: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows sorted by distance (inf = missing last), so that k' means the k' nearest."""
-    order = np.argsort(dists, axis=1, kind="stable")
-    return (np.take_along_axis(dists, order, axis=1).astype(np.float64),
-            np.take_along_axis(match, order, axis=1).astype(bool))
+def missing_last(valid: np.ndarray) -> bool:
+    """Whether every row's missing slots (False) come after all its real ones."""
+    return bool(np.all(valid[:, :-1] >= valid[:, 1:]))
+
+
+def selection_order(ids: np.ndarray, l2_dists: Optional[np.ndarray],
+                    k_select: str = "faiss") -> np.ndarray:
+    """(n, k) column order whose first k' columns are the neighbours kept at k'.
+
+    'faiss': FAISS's own order with -1 ids (missing) moved last, stably (FAISS returns them
+    last already: a search for k' returns exactly these first k'). 'exact-l2': by exact
+    squared L2 (missing last), ties in FAISS's order."""
+    valid = np.asarray(ids) >= 0
+    if k_select == "faiss":
+        return np.argsort(~valid, axis=1, kind="stable")
+    if k_select == "exact-l2":
+        if l2_dists is None:
+            raise FlagError("--k-select exact-l2 needs exact distances: the neighbour file "
+                            "has no l2_dists (saved with --no-load-keys?)")
+        return np.argsort(np.where(valid, l2_dists, np.inf), axis=1, kind="stable")
+    raise FlagError(f"--k-select must be one of {', '.join(K_SELECTS)}, got {k_select!r}")
 
 
 def knn_logp_for_ks(dists: np.ndarray, match: np.ndarray, ks: Sequence[int],
-                    temperature: float, presorted: bool = False) -> dict[int, np.ndarray]:
-    """log p_kNN(target) for each k' in ks from (n, k) distances (inf = missing) and matches
-    (neighbour value == target), using the k' nearest neighbours by this distance."""
-    d, m = (dists, match.astype(bool)) if presorted else sort_by_distance(dists, match)
-    logits = -d / temperature
+                    temperature: float) -> dict[int, np.ndarray]:
+    """log p_kNN(target) (float64) for each k' in ks from the first k' columns of (n, k)
+    distances (inf = missing) and matches (neighbour value == target), as knn.knn_log_prob
+    computes it online: logits -d/T rounded to float32 exactly as there, sums in float64."""
+    d32 = np.asarray(dists, dtype=np.float32)
+    with np.errstate(invalid="ignore"):
+        logits = (-d32 / np.float32(temperature)).astype(np.float64)
+    m = np.asarray(match).astype(bool) & np.isfinite(logits)
     out = {}
     for kk in ks:
         lg, mm = logits[:, :kk], m[:, :kk]
@@ -131,23 +310,54 @@ def mix(lm_logp: np.ndarray, other_logp: np.ndarray, lmbda: float) -> np.ndarray
 
 
 def ppl_from_nll(mean_nll: float) -> float:
-    """exp(mean NLL), inf past float range (lambda = 1 with missing targets hits the floor)."""
-    return math.exp(mean_nll) if mean_nll < 709.0 else math.inf
+    """Perplexity exp(mean NLL) as fairseq-eval-lm reports it: eval-lm prints 2**loss with the
+    loss (mean NLL in bits) a float32 tensor, so it is inf once it passes float32's range
+    (mean NLL > 88.72 nats, 128 bits), e.g. at lambda = 1 when ~1% of the targets are not
+    among the neighbours (log p_kNN = KNN_LOGP_FLOOR for those). The loss stays finite."""
+    if mean_nll >= 709.0:  # math.exp overflows
+        return math.inf
+    p = math.exp(mean_nll)
+    return p if p <= FLOAT32_MAX else math.inf
+
+
+def check_sweep(nb: Neighbors, ks: Sequence[int], dists: Sequence[str] = ("l2",),
+                k_selects: Sequence[str] = ("faiss",),
+                cache_lambdas: Sequence[float] = (0.0,),
+                lambdas: Sequence[float] = (0.0,),
+                temperatures: Sequence[float] = (1.0,)) -> None:
+    """Every user-caused problem of a sweep, as a FlagError naming the flag, before any work."""
+    for dist in dists:
+        if dist not in DISTS:
+            raise FlagError(f"--dists: unknown distance {dist!r}; use {', '.join(DISTS)}")
+        if DISTS[dist] not in nb.arrays:
+            raise FlagError(f"--dists {dist}: the neighbour file has no {DISTS[dist]} "
+                            "(saved with --no-load-keys?)")
+    for sel in k_selects:
+        if sel not in K_SELECTS:
+            raise FlagError(f"--k-select must be one of {', '.join(K_SELECTS)}, got {sel!r}")
+        if sel == "exact-l2" and "l2_dists" not in nb.arrays:
+            raise FlagError("--k-select exact-l2 needs exact distances: the neighbour file "
+                            "has no l2_dists (saved with --no-load-keys?)")
+    kmax = int(nb.meta["k"])
+    bad = [k for k in ks if not 0 < k <= kmax]
+    if bad or not ks:
+        raise FlagError(f"--ks: values {bad or '(none)'} outside 1..{kmax} (the saved k)")
+    if any(not 0.0 <= x <= 1.0 for x in (*lambdas, *cache_lambdas)):
+        raise FlagError("--lambdas and --cache-lambdas must lie in [0, 1]")
+    if any(t <= 0 for t in temperatures):
+        raise FlagError(f"--temps must be > 0, got {list(temperatures)}")
+    if any(c > 0 for c in cache_lambdas) and "cache_logp" not in nb.arrays:
+        raise FlagError("--cache-lambdas given but the pass was run without --knn-cache")
 
 
 def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
           temperatures: Sequence[float], dist: str = "l2",
-          cache_lambdas: Sequence[float] = (0.0,), chunk: int = 32768) -> list[dict[str, Any]]:
-    """Perplexity for every (temperature, k, lambda, cache lambda); one row per setting."""
-    key = {"l2": "l2_dists", "faiss_l2": "faiss_dists"}[dist]
-    if key not in nb.arrays:
-        raise ValueError(f"the neighbour file has no {key} (saved without keys?)")
-    kmax = int(nb.meta["k"])
-    bad = [k for k in ks if k > kmax]
-    if bad:
-        raise ValueError(f"k values {bad} exceed the saved k={kmax}")
-    if any(c > 0 for c in cache_lambdas) and "cache_logp" not in nb.arrays:
-        raise ValueError("cache lambdas given but the pass was run without --knn-cache")
+          cache_lambdas: Sequence[float] = (0.0,), chunk: int = 32768,
+          k_select: str = "faiss") -> list[dict[str, Any]]:
+    """Perplexity for every (temperature, k, lambda, cache lambda); one row per setting, each
+    naming its distance and its k selection (see the module docstring)."""
+    check_sweep(nb, ks, [dist], [k_select], cache_lambdas, lambdas, temperatures)
+    key = DISTS[dist]
     n = nb.n
     lm = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
     cache = (np.asarray(nb.arrays["cache_logp"], dtype=np.float64)
@@ -156,11 +366,17 @@ def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
     sums: dict[tuple, float] = {}
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        d = np.asarray(nb.arrays[key][s:e], dtype=np.float32)
-        d = np.where(np.asarray(nb.arrays["ids"][s:e]) >= 0, d, np.inf)
-        d, match = sort_by_distance(d, np.asarray(nb.arrays["match"][s:e]))
+        ids = np.asarray(nb.arrays["ids"][s:e])
+        valid = ids >= 0
+        d = np.where(valid, np.asarray(nb.arrays[key][s:e], dtype=np.float32), np.inf)
+        match = np.asarray(nb.arrays["match"][s:e]).astype(bool) & valid
+        if k_select != "faiss" or not missing_last(valid):  # else: the saved order is it
+            l2 = np.asarray(nb.arrays["l2_dists"][s:e]) if k_select == "exact-l2" else None
+            order = selection_order(ids, l2, k_select)
+            d = np.take_along_axis(d, order, axis=1)
+            match = np.take_along_axis(match, order, axis=1)
         for T in temperatures:
-            per_k = knn_logp_for_ks(d, match, ks, T, presorted=True)
+            per_k = knn_logp_for_ks(d, match, ks, T)
             for kk, knn in per_k.items():
                 for lam in lambdas:
                     base = mix(lm[s:e], knn, lam)
@@ -168,7 +384,8 @@ def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
                         lp = base if cl == 0 or cache is None else mix(base, cache[s:e], cl)
                         sums[(T, kk, lam, cl)] = sums.get((T, kk, lam, cl), 0.0) + float(lp.sum())
     rows = [{"temperature": T, "k": kk, "lambda": lam, "cache_lambda": cl, "dist": dist,
-             "ppl": ppl_from_nll(-v / n)} for (T, kk, lam, cl), v in sums.items()]
+             "k_select": k_select, "loss": -v / n / math.log(2), "ppl": ppl_from_nll(-v / n)}
+            for (T, kk, lam, cl), v in sums.items()]
     rows.sort(key=lambda r: r["ppl"])
     return rows
 

@@ -80,3 +80,13 @@ def test_recompute_distances_memmap_sorted_reads_equal_in_ram(tmp_path):
     q = torch.from_numpy(rng.standard_normal((40, 24)).astype(np.float32))
     torch.testing.assert_close(recompute_distances(q, ids, ro), recompute_distances(q, ids, keys),
                                rtol=0, atol=0)
+
+
+def test_sim_func_names_and_alias():
+    from fairseq_knnlm.errors import FlagError
+    from fairseq_knnlm.knn import normalize_sim_func
+
+    assert [normalize_sim_func(s) for s in ("l2", "faiss_l2", "dot", "do_not_recomp_l2")] == [
+        "l2", "faiss_l2", "dot", "faiss_l2"]
+    with pytest.raises(FlagError, match="--knn-sim-func must be one of .*do_not_recomp_l2"):
+        normalize_sim_func("cosine")

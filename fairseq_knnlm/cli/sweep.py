@@ -1,8 +1,14 @@
 """knnlm-sweep: score many kNN-LM settings from neighbours saved by one eval-lm pass.
 
-    fairseq-eval-lm ... --knnlm --knn-save-neighbors runs/wt2/nbrs/valid
+    fairseq-eval-lm ... --knnlm --k 1024 --knn-save-neighbors runs/wt2/nbrs/valid
     knnlm-sweep runs/wt2/nbrs/valid --lambdas 0,0.1,0.2,0.3 --ks 8,64,1024 --temps 1,10 \
         --json runs/wt2/sweep_valid.json --plot-dir runs/wt2/plots
+
+Every k' <= the pass's --k is scored from FAISS's top-k' of that pass (--k-select faiss, the
+default): the same neighbours, distances and perplexity as an online run with --k k'.
+--k-select exact-l2 keeps instead the k' nearest by exact L2 among the saved k (what a
+--k k run re-ranked by exact distance would keep; no online run reproduces it at k' < k).
+A sharded pass (PREFIX_manifest.json) is read as one file.
 
 Prints the best setting and a table; --json writes every row; --plot-dir writes PNGs of
 perplexity against lambda (paper Fig. 5) and against k (paper Fig. 4).
@@ -15,19 +21,36 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
-from ..sweep import best, load_neighbors, sweep
+from ..errors import FlagError, KNNLMError
+from ..sweep import DISTS, K_SELECTS, best, check_sweep, load_neighbors, sweep
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
-def floats(s: str) -> list[float]:
-    return [float(x) for x in s.split(",") if x]
+def _comma_list(convert: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
+    def parse(s: str) -> list[T]:
+        try:
+            return [convert(x) for x in s.split(",") if x]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a comma list of {what}: {s!r}") from None
+    return parse
 
 
-def ints(s: str) -> list[int]:
-    return [int(x) for x in s.split(",") if x]
+floats = _comma_list(float, "numbers")
+ints = _comma_list(int, "integers")
+
+
+def names(choices: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(s: str) -> list[str]:
+        out = [x for x in s.split(",") if x]
+        bad = [x for x in out if x not in choices]
+        if bad or not out:
+            raise argparse.ArgumentTypeError(f"{s!r}: choose from {', '.join(choices)}")
+        return out
+    return parse
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -42,13 +65,31 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--ks", type=ints, default=None,
                    help="comma list (default: powers of two up to the saved k)")
     p.add_argument("--temps", type=floats, default=[1.0], help="comma list of temperatures")
-    p.add_argument("--dists", default="l2", help="comma list of l2, faiss_l2")
+    p.add_argument("--dists", type=names(tuple(DISTS)), default=["l2"],
+                   help="comma list of l2 (exact), faiss_l2 (FAISS's distances)")
+    p.add_argument("--k-select", type=names(K_SELECTS), default=["faiss"],
+                   help="which k' of the saved neighbours each k' keeps (comma list): faiss "
+                        "(default; FAISS's top-k', reproduces an online --k k' run) or exact-l2 "
+                        "(the k' nearest by exact L2 among the saved ones)")
     p.add_argument("--cache-lambdas", type=floats, default=[0.0],
                    help="comma list of cache weights (needs a pass with --knn-cache)")
     p.add_argument("--json", default=None, help="write all rows and the best ones here")
     p.add_argument("--plot-dir", default=None, help="write ppl_vs_lambda.png, ppl_vs_k.png")
     p.add_argument("--label", default="", help="title prefix for the plots")
     return p
+
+
+def series(row: dict[str, Any]) -> str:
+    """The plot label of a row's (distance, k selection)."""
+    return f"{row['dist']}, {row['k_select']} top-k"
+
+
+def fill_k_select(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows of a --json written before --k-select: they sorted the saved neighbours by the
+    row's own distance, i.e. exact-l2 selection for l2 and FAISS's order for faiss_l2."""
+    for r in rows:
+        r.setdefault("k_select", "exact-l2" if r["dist"] == "l2" else "faiss")
+    return rows
 
 
 def _save(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
@@ -67,7 +108,8 @@ def _save(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
 
 
 def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Path]:
-    """ppl vs lambda at the best (T, k), and ppl vs k at the best (T, lambda) for each k."""
+    """ppl vs lambda at the best (T, k), and ppl vs k at the best (T, lambda) for each k; one
+    line per (distance, k selection)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -79,25 +121,29 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
     top = best(rows, cache_lambda=0.0) or best(rows)
     assert top is not None
     base = best(rows, **{"lambda": 0.0, "cache_lambda": 0.0})
+    kinds = sorted({(r["dist"], r["k_select"]) for r in rows})
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for dist in sorted({r["dist"] for r in rows}):
-        t = best(rows, dist=dist, cache_lambda=top["cache_lambda"])
+    for dist, sel in kinds:
+        t = best(rows, dist=dist, k_select=sel, cache_lambda=top["cache_lambda"])
         if t is None:
             continue
         pts = sorted((r["lambda"], r["ppl"]) for r in rows if r["dist"] == dist and
-                     r["k"] == t["k"] and r["temperature"] == t["temperature"] and
+                     r["k_select"] == sel and r["k"] == t["k"] and
+                     r["temperature"] == t["temperature"] and
                      r["cache_lambda"] == t["cache_lambda"])
-        ax.plot(*zip(*pts), marker="o", label=f"{dist}, k={t['k']}, T={t['temperature']:g}")
+        ax.plot(*zip(*pts), marker="o",
+                label=f"{series(t)}, k={t['k']}, T={t['temperature']:g}")
     written.append(_save(fig, ax, "λ (kNN weight)", f"{label} perplexity vs λ",
                          out_dir / "ppl_vs_lambda.png"))
     fig, ax = plt.subplots(figsize=(5, 3.5))
-    for dist in sorted({r["dist"] for r in rows}):
+    for dist, sel in kinds:
         pts = []
         for kk in sorted({r["k"] for r in rows}):
-            b = best(rows, dist=dist, k=kk, cache_lambda=top["cache_lambda"])
+            b = best(rows, dist=dist, k_select=sel, k=kk, cache_lambda=top["cache_lambda"])
             if b is not None:
                 pts.append((kk, b["ppl"]))
-        ax.plot(*zip(*pts), marker="o", label=f"{dist} (λ, T tuned per k)")
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=f"{dist}, {sel} top-k (λ, T tuned per k)")
     if base is not None:
         ax.axhline(base["ppl"], color="gray", ls="--", label=f"base LM {base['ppl']:.2f}")
     ax.set_xscale("log", base=2)
@@ -106,35 +152,47 @@ def plot(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> list[Pat
     return written
 
 
+def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """All rows for the neighbours at args.neighbors; every flag checked before any work."""
+    nb = load_neighbors(args.neighbors)
+    kmax = int(nb.meta["k"])
+    ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
+    check_sweep(nb, ks, args.dists, args.k_select, args.cache_lambdas, args.lambdas, args.temps)
+    rows: list[dict[str, Any]] = []
+    for dist in args.dists:
+        for sel in args.k_select:
+            rows += sweep(nb, args.lambdas, ks, args.temps, dist=dist,
+                          cache_lambdas=args.cache_lambdas, k_select=sel)
+    return rows, nb.n
+
+
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
-    rows: list[dict[str, Any]] = []
-    if args.from_json:
-        old = json.loads(Path(args.from_json).read_text())
-        rows, n_tokens = old["rows"], old["n_tokens"]
-        args.dists = ",".join(sorted({r["dist"] for r in rows}))
-    elif args.neighbors:
-        nb = load_neighbors(args.neighbors)
-        n_tokens = nb.n
-        kmax = int(nb.meta["k"])
-        ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
-        for dist in args.dists.split(","):
-            rows += sweep(nb, args.lambdas, ks, args.temps, dist=dist,
-                          cache_lambdas=args.cache_lambdas)
-    else:
-        print("knnlm-sweep: error: give a neighbours prefix or --from-json", file=sys.stderr)
+    try:
+        if args.from_json:
+            old = json.loads(Path(args.from_json).read_text())
+            rows, n_tokens = fill_k_select(old["rows"]), old["n_tokens"]
+        elif args.neighbors:
+            rows, n_tokens = run_sweep(args)
+        else:
+            raise FlagError("give a neighbours prefix or --from-json")
+    except (KNNLMError, OSError, json.JSONDecodeError, KeyError) as e:
+        print(f"knnlm-sweep: error: {e}", file=sys.stderr)
         return 2
     rows.sort(key=lambda r: r["ppl"])
+    dists = sorted({r["dist"] for r in rows})
+    sels = sorted({r["k_select"] for r in rows})
     base = best(rows, **{"lambda": 0.0, "cache_lambda": 0.0})
-    summary = {"n_tokens": n_tokens, "base": base, "best": rows[0],
-               "best_per_dist": {d: best(rows, dist=d) for d in args.dists.split(",")},
+    summary = {"n_tokens": n_tokens, "dists": dists, "k_selects": sels, "base": base,
+               "best": rows[0], "best_per_dist": {d: best(rows, dist=d) for d in dists},
+               "best_per_k_select": {s: best(rows, k_select=s) for s in sels},
                "best_without_cache": best(rows, cache_lambda=0.0)}
     print(f"{n_tokens} tokens; base LM ppl {base['ppl']:.3f}" if base else f"{n_tokens} tokens")
-    print(f"{'dist':>8} {'T':>6} {'k':>5} {'lambda':>6} {'cache':>6} {'ppl':>9}")
+    print(f"{'dist':>8} {'k-select':>8} {'T':>6} {'k':>5} {'lambda':>6} {'cache':>6} {'ppl':>9}")
     for r in rows[:10]:
-        print(f"{r['dist']:>8} {r['temperature']:>6g} {r['k']:>5} {r['lambda']:>6g} "
-              f"{r['cache_lambda']:>6g} {r['ppl']:>9.3f}")
+        print(f"{r['dist']:>8} {r['k_select']:>8} {r['temperature']:>6g} {r['k']:>5} "
+              f"{r['lambda']:>6g} {r['cache_lambda']:>6g} {r['ppl']:>9.3f}")
     if args.json and not args.from_json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({**summary, "rows": rows}, indent=1))

@@ -1,0 +1,60 @@
+"""KNNRetriever on a small synthetic datastore: flag checks (FlagError naming the flag, before
+any file is opened), the authors' --knn-sim-func alias, and retrieval against brute force."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fairseq_knnlm.datastore import DatastoreWriter
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.index import IndexSettings, build_index
+from fairseq_knnlm.retriever import KNNRetriever
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ret")
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((500, 8)).astype(np.float32)
+    w = DatastoreWriter(d / "ds", 8, "float32")
+    w.add(keys, rng.integers(0, 20, 500), np.arange(500))
+    w.finish(keytype="ffn_input_after_ln")
+    build_index(d / "ds", d / "flat.index", IndexSettings(index_type="flat"), progress=False)
+    return d, keys
+
+
+@pytest.mark.parametrize("kwargs,flag", [
+    ({"probe": 0}, "--probe"),
+    ({"probe": -3}, "--probe"),
+    ({"k": 0}, "--k"),
+    ({"temperature": 0.0}, "--knn-temp"),
+    ({"temperature": float("nan")}, "--knn-temp"),
+    ({"sim_func": "cosine"}, "--knn-sim-func"),
+    ({"sim_func": "l2", "load_keys": False}, "--no-load-keys"),
+])
+def test_bad_flags_are_flag_errors_before_any_file(tmp_path, kwargs, flag):
+    with pytest.raises(FlagError, match=flag):  # the paths do not exist: not even looked at
+        KNNRetriever(tmp_path / "nope", tmp_path / "nope.index", **kwargs)
+
+
+def test_k_larger_than_datastore(small):
+    d, _ = small
+    with pytest.raises(FlagError, match="--k 501 is larger than the datastore"):
+        KNNRetriever(d / "ds", d / "flat.index", k=501)
+
+
+def test_do_not_recomp_l2_is_faiss_l2_and_needs_no_keys(small):
+    d, keys = small
+    r = KNNRetriever(d / "ds", d / "flat.index", k=10, sim_func="do_not_recomp_l2",
+                     load_keys=False)
+    assert r.sim_func == "faiss_l2" and r.ds.keys is None
+    q = torch.from_numpy(keys[:4] + 0.01)
+    got = r.retrieve(q)
+    exact = ((keys[None] - q.numpy()[:, None]) ** 2).sum(-1)
+    assert np.array_equal(got.ids, np.argsort(exact, axis=1)[:, :10])
+    np.testing.assert_allclose(got.dists.numpy(), got.faiss_dists, rtol=0, atol=0)
+    ref = KNNRetriever(d / "ds", d / "flat.index", k=10, sim_func="faiss_l2", load_keys=False)
+    tg = torch.tensor([1, 2, 3, 4])
+    assert torch.equal(r.score(q, tg)[0], ref.score(q, tg)[0])
