@@ -26,9 +26,14 @@ class KNNLMOptions:
     dstore_fp16: bool = field(default=False, metadata={
         "help": "store keys as float16 (halves disk; distances are still computed in fp32)"})
     knn_keytype: str = field(default=DEFAULT_KEYTYPE, metadata={
-        "help": "hidden state used as key f(c) (paper Table 5): ffn_input_after_ln (best), "
-                "ffn_input_before_ln, ffn_output, attn_input_after_ln, attn_input_before_ln, "
-                "attn_output, model_output, model_output_after_ln; ':LAYER' picks a layer"})
+        "help": "hidden state used as key f(c) (paper Table 5): ffn_input_after_ln (best; "
+                "the authors' name: last_ffn_input), ffn_input_before_ln, ffn_output, "
+                "attn_input_after_ln, attn_input_before_ln, attn_output, model_output, "
+                "model_output_after_ln; ':LAYER' picks a layer"})
+    dstore_size: Optional[int] = field(default=None, metadata={
+        "help": "the authors' datastore size flag, not needed (the meta file has the size): "
+                "with --knnlm it must equal the datastore's size; with a dump it is only "
+                "compared with the number of entries written"})
     # ---- kNN-LM scoring ----
     knnlm: bool = field(default=False, metadata={
         "help": "interpolate the LM with a kNN distribution over a datastore (paper Eq. 3)"})
@@ -43,12 +48,14 @@ class KNNLMOptions:
     knn_temp: float = field(default=1.0, metadata={
         "help": "softmax temperature over -distance (paper: 1; small models like ~10)"})
     knn_sim_func: str = field(default="l2", metadata={
-        "help": "l2: squared L2 recomputed from full-precision keys (paper's best); faiss_l2: "
-                "FAISS's quantized distances (faster, worse); dot: inner product"})
+        "help": "l2: squared L2 recomputed from full-precision keys (paper's best); faiss_l2 "
+                "(the authors' name: do_not_recomp_l2): FAISS's quantized distances (faster, "
+                "worse); dot: inner product"})
     move_dstore_to_mem: bool = field(default=False, metadata={
         "help": "copy the keys into RAM instead of memory-mapping them"})
     no_load_keys: bool = field(default=False, metadata={
-        "help": "do not open the keys (only valid with --knn-sim-func faiss_l2)"})
+        "help": "do not open the keys (only valid with --knn-sim-func faiss_l2 / "
+                "do_not_recomp_l2)"})
     knn_gpu: bool = field(default=False, metadata={
         "help": "search on the GPU (needs a CUDA FAISS build)"})
     knn_mmap_index: bool = field(default=False, metadata={
@@ -64,6 +71,10 @@ class KNNLMOptions:
         "help": "cache flatness theta in exp(theta h.h_i) (tune on validation)"})
     cache_length: int = field(default=512, metadata={
         "help": "how many previous positions the cache holds (<= --context-window to be full)"})
+    # ---- diagnostics ----
+    knn_debug: bool = field(default=False, metadata={
+        "help": "print the full traceback of kNN-LM errors (bad flags, missing or mismatched "
+                "files), which are otherwise reported in one line; or set FAIRSEQ_KNNLM_DEBUG=1"})
 
 
 @dataclass

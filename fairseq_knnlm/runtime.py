@@ -3,17 +3,25 @@ datastore writer, the retriever, the cache and the saved-neighbours writer.
 
 Lifecycle (wired by eval_lm_patch.py and task.py):
   1. the eval-lm ``main`` wrapper builds a ``KNNEvalRuntime`` from the full config (checks
-     flags and opens datastore and index before the model is even loaded) and activates it;
-  2. the task's ``build_model`` binds the model (hooks) and the task (dictionary, dataset);
-  3. the scorer hands each scored batch to ``process``, which dumps and/or rescores;
-  4. the wrapper calls ``finish`` (or ``abort`` on error) when eval-lm returns.
+     every flag, then opens datastore and index, before the model is even loaded) and
+     activates it;
+  2. the task's ``build_model`` binds the model (hooks) and the task (dictionary);
+  3. the task's ``eval_lm_dataloader`` calls ``begin`` with the number of tokens this shard
+     will score: the dump and neighbour writers open, progress lines start;
+  4. the scorer hands each scored batch to ``process``, which dumps and/or rescores;
+  5. the wrapper calls ``finish`` (or ``abort`` on error) when eval-lm returns. With several
+     distributed ranks, ``finish`` sums the perplexity over the ranks (eval-lm itself reports
+     each rank's shard alone) and rank 0 writes the shard manifests.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import contextvars
 import logging
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
@@ -21,12 +29,22 @@ import numpy as np
 import torch
 
 from .cache import cache_log_prob, interpolate_cache, next_tokens
-from .datastore import DatastoreError, DatastoreWriter, dictionary_sha256, sha256_file
-from .hooks import KeyCapture, parse_keytype
-from .knn import interpolate, recompute_distances
-from .retriever import KNNRetriever
+from .datastore import (
+    DatastoreError,
+    DatastoreWriter,
+    dictionary_sha256,
+    read_meta,
+    sha256_file,
+)
+from .errors import FlagError
+from .eval_progress import EvalProgress
+from .hooks import KeyCapture, find_decoder, parse_keytype, resolve_keytype
+from .knn import interpolate, normalize_sim_func, recompute_distances
+from .retriever import KNNRetriever, Retrieved
 from .shards import shard_prefix, try_write_manifest
-from .sweep import NeighborWriter
+from .sweep import NeighborWriter, ppl_from_nll, write_neighbors_manifest
+from .sweep import manifest_path as neighbors_manifest_path
+from .sweep import meta_path as neighbors_meta_path
 
 logger = logging.getLogger(__name__)
 
@@ -63,20 +81,139 @@ def _stream_offsets(dataset: Any) -> Optional[np.ndarray]:
     return None
 
 
+# ---- flag checks: plain functions, run before anything is opened or loaded ----
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise FlagError(message)
+
+
+def _in_unit_interval(x: float) -> bool:
+    return math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+def check_flags(t: Any) -> None:
+    """Range of every numeric kNN-LM flag, and the flags each option needs, for the options
+    that are on; a FlagError naming the flag. ``t`` is the task config (or any object with
+    the KNNLMOptions fields)."""
+    try:
+        parse_keytype(t.knn_keytype)
+    except ValueError as e:
+        raise FlagError(f"--knn-keytype: {e}") from None
+    if t.dstore_size is not None:
+        _require(t.dstore_size >= 1, f"--dstore-size must be >= 1, got {t.dstore_size}")
+    if t.save_knnlm_dstore:
+        _require(bool(t.dstore_mmap), "--save-knnlm-dstore needs --dstore-mmap PREFIX")
+    if t.knnlm:
+        _require(bool(t.dstore_filename and t.indexfile),
+                 "--knnlm needs --dstore-filename PREFIX and --indexfile INDEX")
+        _require(t.k >= 1, f"--k must be >= 1, got {t.k}")
+        _require(t.probe >= 1, f"--probe must be >= 1 (IVF lists searched per query), "
+                 f"got {t.probe}")
+        _require(math.isfinite(t.knn_temp) and t.knn_temp > 0,
+                 f"--knn-temp must be > 0, got {t.knn_temp}")
+        _require(_in_unit_interval(t.lmbda), f"--lmbda must be in [0, 1], got {t.lmbda}")
+        sim = normalize_sim_func(t.knn_sim_func)
+        _require(not t.no_load_keys or sim == "faiss_l2",
+                 f"--no-load-keys leaves no keys to compute '{t.knn_sim_func}' distances from: "
+                 "use --knn-sim-func faiss_l2 or drop --no-load-keys")
+    else:
+        _require(not t.knn_save_neighbors,
+                 "--knn-save-neighbors saves what the kNN search retrieved: it needs --knnlm")
+    if t.knn_cache:
+        _require(_in_unit_interval(t.cache_lmbda),
+                 f"--cache-lmbda must be in [0, 1], got {t.cache_lmbda}")
+        _require(math.isfinite(t.cache_theta) and t.cache_theta > 0,
+                 f"--cache-theta must be > 0, got {t.cache_theta}")
+        _require(t.cache_length >= 1, f"--cache-length must be >= 1, got {t.cache_length}")
+
+
+def check_dstore_size(dstore_size: Optional[int], actual: int, prefix: Any) -> None:
+    """--dstore-size (the authors' flag) must agree with the datastore's meta file, if given."""
+    _require(dstore_size is None or dstore_size == actual,
+             f"--dstore-size {dstore_size} disagrees with the datastore {prefix}, which has "
+             f"{actual} entries (its meta file's size): fix --dstore-size or drop it")
+
+
+def check_model_overrides(model_overrides: Optional[str], keytype: str) -> None:
+    """The authors' dump command also passes --model-overrides "{'knn_keytype': ...}" (their
+    fork read the key type from the model's args). Here --knn-keytype decides: an override
+    that names another key type is refused rather than silently ignored."""
+    try:
+        overrides = ast.literal_eval(model_overrides or "{}")
+    except (ValueError, SyntaxError):  # fairseq itself reports what it cannot read
+        return
+    other = overrides.get("knn_keytype") if isinstance(overrides, dict) else None
+    if other is None:
+        return
+    try:
+        same = parse_keytype(str(other)) == parse_keytype(keytype)
+    except ValueError as e:
+        raise FlagError(f"--model-overrides knn_keytype: {e}") from None
+    _require(same, f"--model-overrides sets knn_keytype {other!r} but --knn-keytype is "
+             f"{keytype!r}: the key type comes from --knn-keytype; give both the same value")
+
+
+def canonical_keytype(spec: str) -> str:
+    """The key type as a datastore's meta records it: an alias replaced by the name it stands
+    for ('last_ffn_input' -> 'ffn_input_after_ln'), a ':LAYER' suffix kept as given."""
+    name, _ = parse_keytype(spec)
+    _, sep, layer = spec.partition(":")
+    return name + sep + layer
+
+
+def same_key_state(a: str, b: str, num_layers: int) -> bool:
+    """Whether two key types name the same hidden state of a model with ``num_layers`` layers
+    ('ffn_input_after_ln:1' and 'last_ffn_input' do in a 2-layer model)."""
+    try:
+        return resolve_keytype(a, num_layers) == resolve_keytype(b, num_layers)
+    except ValueError:  # a layer the model does not have: not the model's state
+        return False
+
+
+def _distributed() -> bool:
+    """Whether this process is one rank of several joined by torch.distributed."""
+    dist = torch.distributed
+    return bool(dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1)
+
+
+def _sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum over all ranks (float64: token counts stay exact); also a barrier."""
+    dist = torch.distributed
+    device = (torch.device("cuda", torch.cuda.current_device())
+              if dist.get_backend() == "nccl" else torch.device("cpu"))
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+@dataclass
+class _Batch:
+    """The scored positions of one batch, in row-major order."""
+
+    feats: torch.Tensor  # (B, T, C) the captured hidden states
+    spans: list[tuple[int, int, int]]  # (row, first scored position, number scored)
+    queries: torch.Tensor  # (n, C) float32 keys of the scored positions
+    targets: torch.Tensor  # (n,) int64 the tokens scored there
+    skip: int  # leading positions of each hypothesis that eval-lm does not score (bos)
+
+
 class KNNEvalRuntime:
     def __init__(self, cfg: Any) -> None:
         t = cfg.task
+        check_flags(t)  # every flag, before anything is opened or loaded
+        check_model_overrides(cfg.common_eval.model_overrides, t.knn_keytype)
         self.cfg = cfg
         self.task_cfg = t
         self.dump = bool(t.save_knnlm_dstore)
         self.knnlm = bool(t.knnlm)
         self.cache = bool(t.knn_cache)
-        self.keytype = t.knn_keytype
-        parse_keytype(self.keytype)  # unknown names fail here, before anything loads
+        self.keytype_arg = t.knn_keytype  # as typed, for messages
+        self.keytype = canonical_keytype(t.knn_keytype)  # as a datastore's meta records it
         self.checkpoint = str(cfg.common_eval.path)
         if ":" in self.checkpoint and not Path(self.checkpoint).exists():
-            raise ValueError("kNN-LM options do not support ensembles (--path with ':'): "
-                             "score one model at a time")
+            raise FlagError("kNN-LM options do not support ensembles (--path with ':'): "
+                            "score one model at a time")
         self.subset = cfg.dataset.gen_subset
         self.context_window = int(cfg.eval_lm.context_window)
         self.tokens_per_sample = int(t.tokens_per_sample)  # before eval-lm subtracts the window
@@ -86,19 +223,10 @@ class KNNEvalRuntime:
         self.num_shards = max(int(cfg.dataset.num_shards or 1), self.world)
         self.shard_id = max(int(cfg.dataset.shard_id or 0), self.rank)
         self.add_bos = bool(getattr(t, "add_bos_token", False))
-        if self.dump and not t.dstore_mmap:
-            raise ValueError("--save-knnlm-dstore needs --dstore-mmap PREFIX")
-        if self.cache:
-            if not 0.0 <= t.cache_lmbda <= 1.0:
-                raise ValueError(f"--cache-lmbda must be in [0, 1], got {t.cache_lmbda}")
-            if t.cache_length <= 0:
-                raise ValueError(f"--cache-length must be positive, got {t.cache_length}")
         self.retriever: Optional[KNNRetriever] = None
         if self.knnlm:
-            if not t.dstore_filename or not t.indexfile:
-                raise ValueError("--knnlm needs --dstore-filename PREFIX and --indexfile INDEX")
-            if not 0.0 <= t.lmbda <= 1.0:
-                raise ValueError(f"--lmbda must be in [0, 1], got {t.lmbda}")
+            check_dstore_size(t.dstore_size, read_meta(t.dstore_filename).size,
+                              t.dstore_filename)
             self.retriever = KNNRetriever(
                 t.dstore_filename, t.indexfile, k=t.k, probe=t.probe, sim_func=t.knn_sim_func,
                 temperature=t.knn_temp, keys_in_memory=t.move_dstore_to_mem,
@@ -106,7 +234,10 @@ class KNNEvalRuntime:
         self.capture: Optional[KeyCapture] = None
         self.task: Any = None
         self.writer: Optional[DatastoreWriter] = None
+        self.dstore_prefix: Optional[str] = None
         self.nbr_writer: Optional[NeighborWriter] = None
+        self.nbr_prefix: Optional[str] = None
+        self.progress: Optional[EvalProgress] = None
         self._offsets: Optional[np.ndarray] = None
         self.n_scored = 0
         self.sum_logp = {"lm": 0.0, "final": 0.0}
@@ -114,26 +245,19 @@ class KNNEvalRuntime:
     # ---- binding (called from the task's build_model) ----
     def bind(self, task: Any, model: torch.nn.Module) -> None:
         if self.capture is not None:
-            raise ValueError("kNN-LM options do not support ensembles: one model only")
+            raise FlagError("kNN-LM options do not support ensembles: one model only")
         self.task = task
-        self.capture = KeyCapture(model, self.keytype)
+        try:
+            self.capture = KeyCapture(model, self.keytype)
+        except ValueError as e:  # a layer or state this model does not have
+            raise FlagError(f"--knn-keytype: {e}") from None
+        self.num_layers = len(find_decoder(model).layers)
         dictionary = task.target_dictionary
         self.dict_sha = dictionary_sha256(list(dictionary.symbols))
         self.dict_size = len(dictionary)
         self.model_sha = sha256_file(self.checkpoint) if Path(self.checkpoint).exists() else None
         if self.retriever is not None:
             self._check_datastore_matches_model()
-        if self.dump:
-            prefix = self.task_cfg.dstore_mmap
-            if self.num_shards > 1:
-                prefix = str(shard_prefix(prefix, self.shard_id, self.num_shards))
-            self.writer = DatastoreWriter(prefix, self.capture.dim,
-                                          "float16" if self.task_cfg.dstore_fp16 else "float32")
-            self.dstore_prefix = prefix
-        if self.retriever is not None and self.task_cfg.knn_save_neighbors:
-            self.nbr_writer = NeighborWriter(
-                self.task_cfg.knn_save_neighbors, self.retriever.k,
-                with_l2=self.retriever.ds.keys is not None, with_cache=self.cache)
 
     def _check_datastore_matches_model(self) -> None:
         assert self.retriever is not None and self.capture is not None
@@ -141,9 +265,9 @@ class KNNEvalRuntime:
         problems = []
         if meta.dim != self.capture.dim:
             problems.append(f"key dim: datastore {meta.dim}, model {self.capture.dim}")
-        if meta.keytype != self.keytype:
+        if not same_key_state(meta.keytype, self.keytype, self.num_layers):
             problems.append(f"key type: datastore {meta.keytype!r}, --knn-keytype "
-                            f"{self.keytype!r}")
+                            f"{self.keytype_arg!r} (in this {self.num_layers}-layer model)")
         if meta.dict_sha256 and meta.dict_sha256 != self.dict_sha:
             problems.append(f"dictionary: datastore {meta.dict_size} types "
                             f"(sha256 {meta.dict_sha256[:12]}), model {self.dict_size} types "
@@ -160,6 +284,51 @@ class KNNEvalRuntime:
     def bound(self) -> bool:
         return self.capture is not None
 
+    # ---- start of the pass (called from the task's eval_lm_dataloader) ----
+    @property
+    def started(self) -> bool:
+        return self.progress is not None
+
+    def begin(self, total_tokens: Optional[int]) -> None:
+        """Open the writers and start progress lines; ``total_tokens``: the tokens this shard
+        will score (None if unknown)."""
+        assert self.capture is not None, "begin() before the model was bound"
+        if self.started:
+            return
+        if self.dump:
+            self._open_dump(total_tokens)
+        if self.retriever is not None and self.task_cfg.knn_save_neighbors:
+            self._open_neighbors()
+        what = " + ".join(name for name, on in (("dump", self.dump), ("kNN-LM", self.knnlm),
+                                                ("cache", self.cache)) if on)
+        if self.num_shards > 1:
+            what += f", shard {self.shard_id} of {self.num_shards}"
+        self.progress = EvalProgress(total_tokens, what=f"progress ({what})")
+
+    def _open_dump(self, expected_rows: Optional[int]) -> None:
+        assert self.capture is not None
+        prefix = self.task_cfg.dstore_mmap
+        if self.num_shards > 1:
+            prefix = str(shard_prefix(prefix, self.shard_id, self.num_shards))
+        self.writer = DatastoreWriter(prefix, self.capture.dim,
+                                      "float16" if self.task_cfg.dstore_fp16 else "float32",
+                                      expected_rows=expected_rows)
+        self.dstore_prefix = prefix
+
+    def _open_neighbors(self) -> None:
+        assert self.retriever is not None
+        base = self.task_cfg.knn_save_neighbors
+        prefix = base
+        if self.num_shards > 1:
+            prefix = str(shard_prefix(base, self.shard_id, self.num_shards))
+            # this sharded pass replaces whatever was saved at the base prefix before
+            for stale in (neighbors_manifest_path(base), neighbors_meta_path(base)):
+                stale.unlink(missing_ok=True)
+        self.nbr_writer = NeighborWriter(prefix, self.retriever.k,
+                                         with_l2=self.retriever.ds.keys is not None,
+                                         with_cache=self.cache)
+        self.nbr_prefix = prefix
+
     # ---- per batch (called from the scorer) ----
     def _offsets_for(self, ids: torch.Tensor) -> np.ndarray:
         if self._offsets is None:
@@ -175,6 +344,30 @@ class KNNEvalRuntime:
 
     @torch.no_grad()
     def process(self, sample: dict, hypos: list) -> None:
+        """Dump and/or rescore one scored batch; the interpolated log-probs replace each
+        hypothesis' positional scores, where eval-lm reads them."""
+        if not self.started:
+            self.begin(None)
+        b = self._collect(sample, hypos)
+        if self.writer is not None:
+            self._dump(sample, b)
+        if self.knnlm or self.cache:
+            lm = torch.cat([h[0]["positional_scores"][b.skip:] for h in hypos]).float()
+            final, retrieved = self._knn(lm, b)
+            cache_lp = None
+            if self.cache:
+                cache_lp = self._cache(sample, b).to(lm.device)
+                final = interpolate_cache(final, cache_lp, self.task_cfg.cache_lmbda)
+            if self.nbr_writer is not None and retrieved is not None:
+                self._save_neighbors(b, lm, retrieved, cache_lp)
+            self.sum_logp["lm"] += float(lm.sum())
+            self.sum_logp["final"] += float(final.sum())
+            self.n_scored += len(final)
+            self._write_back(hypos, b, final)
+        self._report_progress(len(b.targets))
+
+    def _collect(self, sample: dict, hypos: list) -> _Batch:
+        """The captured states, and the keys and targets of the scored positions."""
         assert self.capture is not None
         feats = self.capture.pop()  # (B, T, C)
         bsz = len(hypos)
@@ -182,97 +375,164 @@ class KNNEvalRuntime:
             raise RuntimeError(f"captured states for {feats.shape[0]} rows, batch has {bsz}")
         starts = sample.get("start_indices", [0] * bsz)
         skip = 1 if self.add_bos else 0  # eval-lm drops the score of the leading bos
-        spans = []
-        for i, h in enumerate(hypos):
-            n = h[0]["tokens"].numel()
-            spans.append((i, int(starts[i]) + skip, n - skip))
+        spans = [(i, int(starts[i]) + skip, h[0]["tokens"].numel() - skip)
+                 for i, h in enumerate(hypos)]
         queries = torch.cat([feats[i, s:s + n] for i, s, n in spans]).float()
         targets = torch.cat([h[0]["tokens"][skip:] for h in hypos]).long()
-        if self.writer is not None:
-            block_off = self._offsets_for(sample["id"])
-            pos = np.concatenate([block_off[i] + np.arange(n) if block_off[i] >= 0
-                                  else np.full(n, -1) for i, _, n in spans]).astype(np.int64)
-            self.writer.add(queries.cpu().numpy().astype(self.writer.key_dtype, copy=False),
-                            targets.cpu().numpy().astype(np.int32), pos)
-        if not (self.knnlm or self.cache):
-            return
-        lm = torch.cat([h[0]["positional_scores"][skip:] for h in hypos]).float()
-        final = lm
-        retrieved = None
-        if self.retriever is not None:
-            knn_lp, retrieved = self.retriever.score(queries, targets)
-            final = interpolate(lm, knn_lp.to(lm.device), self.task_cfg.lmbda)
-        cache_lp = None
-        if self.cache:
-            src, tgt = sample["net_input"]["src_tokens"], sample["target"]
-            vals = next_tokens(src, tgt, self.task.target_dictionary.pad())
-            parts = []
-            for i, s, n in spans:
-                length = s + n
-                lp = cache_log_prob(feats[i, :length], vals[i, :length], tgt[i, :length],
-                                    self.task_cfg.cache_theta, self.task_cfg.cache_length)
-                parts.append(lp[s:s + n])
-            cache_lp = torch.cat(parts).to(lm.device)
-            final = interpolate_cache(final, cache_lp, self.task_cfg.cache_lmbda)
-        if self.nbr_writer is not None and retrieved is not None:
-            tg = targets.cpu().numpy()
-            rows = dict(
-                targets=tg.astype(np.int32), lm_logp=lm.cpu().numpy().astype(np.float32),
-                ids=retrieved.ids.astype(np.int64), faiss_dists=retrieved.faiss_dists,
-                match=(retrieved.nbr_vals.cpu().numpy() == tg[:, None]).astype(np.uint8))
-            if self.retriever is not None and self.retriever.ds.keys is not None:
-                l2 = retrieved.dists if self.retriever.sim_func == "l2" else None
-                if l2 is None:
-                    l2 = recompute_distances(queries, retrieved.ids, self.retriever.ds.keys)
-                rows["l2_dists"] = l2.cpu().numpy()
-            if cache_lp is not None:
-                rows["cache_logp"] = cache_lp.cpu().numpy().astype(np.float32)
-            self.nbr_writer.add(**rows)
-        self.sum_logp["lm"] += float(lm.sum())
-        self.sum_logp["final"] += float(final.sum())
-        self.n_scored += len(final)
-        # write the interpolated scores back where eval-lm reads them
+        return _Batch(feats=feats, spans=spans, queries=queries, targets=targets, skip=skip)
+
+    def _dump(self, sample: dict, b: _Batch) -> None:
+        """Append the batch's (key, next token, stream position) rows to the datastore."""
+        assert self.writer is not None
+        block_off = self._offsets_for(sample["id"])
+        pos = np.concatenate([block_off[i] + np.arange(n) if block_off[i] >= 0
+                              else np.full(n, -1) for i, _, n in b.spans]).astype(np.int64)
+        self.writer.add(b.queries.cpu().numpy().astype(self.writer.key_dtype, copy=False),
+                        b.targets.cpu().numpy().astype(np.int32), pos)
+
+    def _knn(self, lm: torch.Tensor,
+             b: _Batch) -> tuple[torch.Tensor, Optional[Retrieved]]:
+        """log p of the targets after the kNN interpolation (Eq. 3), and what was retrieved;
+        the LM's own log-probs when there is no datastore."""
+        if self.retriever is None:
+            return lm, None
+        knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+        return interpolate(lm, knn_lp.to(lm.device), self.task_cfg.lmbda), retrieved
+
+    def _cache(self, sample: dict, b: _Batch) -> torch.Tensor:
+        """log p_cache of the targets, each row's history being the positions before it."""
+        src, tgt = sample["net_input"]["src_tokens"], sample["target"]
+        vals = next_tokens(src, tgt, self.task.target_dictionary.pad())
+        parts = []
+        for i, s, n in b.spans:
+            length = s + n
+            lp = cache_log_prob(b.feats[i, :length], vals[i, :length], tgt[i, :length],
+                                self.task_cfg.cache_theta, self.task_cfg.cache_length)
+            parts.append(lp[s:s + n])
+        return torch.cat(parts)
+
+    def _save_neighbors(self, b: _Batch, lm: torch.Tensor, retrieved: Retrieved,
+                        cache_lp: Optional[torch.Tensor]) -> None:
+        """One row per scored token for offline sweeps (sweep.py)."""
+        assert self.nbr_writer is not None and self.retriever is not None
+        tg = b.targets.cpu().numpy()
+        rows = dict(
+            targets=tg.astype(np.int32), lm_logp=lm.cpu().numpy().astype(np.float32),
+            ids=retrieved.ids.astype(np.int64), faiss_dists=retrieved.faiss_dists,
+            match=(retrieved.nbr_vals.cpu().numpy() == tg[:, None]).astype(np.uint8))
+        if self.retriever.ds.keys is not None:
+            l2 = retrieved.dists if self.retriever.sim_func == "l2" else None
+            if l2 is None:
+                l2 = recompute_distances(b.queries, retrieved.ids, self.retriever.ds.keys)
+            rows["l2_dists"] = l2.cpu().numpy()
+        if cache_lp is not None:
+            rows["cache_logp"] = cache_lp.cpu().numpy().astype(np.float32)
+        self.nbr_writer.add(**rows)
+
+    @staticmethod
+    def _write_back(hypos: list, b: _Batch, final: torch.Tensor) -> None:
+        """Put the interpolated scores where eval-lm reads them."""
         o = 0
-        for (_, _, n), h in zip(spans, hypos):
+        for (_, _, n), h in zip(b.spans, hypos):
             ps = h[0]["positional_scores"].float().clone()
-            ps[skip:] = final[o:o + n].to(ps.device)
+            ps[b.skip:] = final[o:o + n].to(ps.device)
             h[0]["positional_scores"] = ps
             h[0]["score"] = ps.sum() / max(1, ps.numel())
             o += n
 
+    def _report_progress(self, tokens: int) -> None:
+        assert self.progress is not None
+        counters = {}
+        if self.writer is not None:
+            counters["datastore entries"] = self.writer.size
+        if self.retriever is not None:
+            counters["kNN searches"] = self.n_scored
+        self.progress.update(tokens, counters)
+
     # ---- end of run ----
     def finish(self) -> None:
+        """Finish the files, sum over ranks, write the shard manifests, log the summary."""
+        entries = self._finish_dump()
+        self._finish_neighbors()
+        totals = {"tokens": float(self.n_scored), "lm": self.sum_logp["lm"],
+                  "final": self.sum_logp["final"], "entries": float(entries)}
+        distributed = _distributed()
+        if distributed:  # every rank's files are finished once this returns
+            totals = dict(zip(totals, _sum_over_ranks(list(totals.values()))))
+        writes_manifests = self.num_shards > 1 and (
+            not distributed or torch.distributed.get_rank() == 0)
+        if writes_manifests:
+            self._write_manifests()
+        if self.writer is not None and (self.num_shards == 1 or writes_manifests):
+            self._note_dstore_size(distributed, int(totals["entries"]))
+        self._log_summary(totals, distributed)
+        self.close()
+
+    def _finish_dump(self) -> int:
+        """Finish this shard's datastore; returns its number of entries (0 without a dump)."""
+        if self.writer is None:
+            return 0
         fairseq_version, plugin_version = _versions()
+        meta = self.writer.finish(
+            keytype=self.keytype, model_path=self.checkpoint, model_sha256=self.model_sha,
+            dict_size=self.dict_size, dict_sha256=self.dict_sha, subset=self.subset,
+            context_window=self.context_window, tokens_per_sample=self.tokens_per_sample,
+            sample_break_mode=self.break_mode, fairseq_version=fairseq_version,
+            plugin_version=plugin_version, shard_id=self.shard_id,
+            num_shards=self.num_shards)
+        logger.info("wrote datastore %s: %d entries", self.dstore_prefix, meta.size)
+        return int(meta.size)
+
+    def _finish_neighbors(self) -> None:
+        if self.nbr_writer is None or self.retriever is None:
+            return
+        t = self.task_cfg
+        shard = ({"shard_id": self.shard_id, "num_shards": self.num_shards}
+                 if self.num_shards > 1 else {})
+        self.nbr_writer.finish(
+            subset=self.subset, dstore=str(self.retriever.ds.prefix),
+            datastore=self.retriever.ds.meta.fingerprint(), probe=t.probe,
+            sim_func=self.retriever.sim_func, temperature=t.knn_temp, lmbda=t.lmbda,
+            cache_theta=t.cache_theta if self.cache else None,
+            cache_length=t.cache_length if self.cache else None, **shard)
+
+    def _write_manifests(self) -> None:
+        """Tie the shards together once all have finished (the last one to finish does)."""
         if self.writer is not None:
-            meta = self.writer.finish(
-                keytype=self.keytype, model_path=self.checkpoint, model_sha256=self.model_sha,
-                dict_size=self.dict_size, dict_sha256=self.dict_sha, subset=self.subset,
-                context_window=self.context_window, tokens_per_sample=self.tokens_per_sample,
-                sample_break_mode=self.break_mode, fairseq_version=fairseq_version,
-                plugin_version=plugin_version, shard_id=self.shard_id,
-                num_shards=self.num_shards)
-            logger.info("wrote datastore %s: %d entries", self.dstore_prefix, meta.size)
-            if self.num_shards > 1:  # the last shard to finish ties them together
-                try_write_manifest(self.task_cfg.dstore_mmap, self.num_shards)
-        if self.nbr_writer is not None and self.retriever is not None:
-            t = self.task_cfg
-            self.nbr_writer.finish(
-                subset=self.subset, dstore=str(self.retriever.ds.prefix),
-                datastore=self.retriever.ds.meta.fingerprint(), probe=t.probe,
-                sim_func=t.knn_sim_func, temperature=t.knn_temp, lmbda=t.lmbda,
-                cache_theta=t.cache_theta if self.cache else None,
-                cache_length=t.cache_length if self.cache else None)
+            try_write_manifest(self.task_cfg.dstore_mmap, self.num_shards)
+        if self.nbr_writer is not None:
+            write_neighbors_manifest(self.task_cfg.knn_save_neighbors, self.num_shards)
+
+    def _note_dstore_size(self, distributed: bool, total: int) -> None:
+        """--dstore-size at dump time was the authors' preallocation: we keep every scored
+        token, so a different count is no error; say which number counts."""
+        want = self.task_cfg.dstore_size
+        prefix = self.task_cfg.dstore_mmap
+        if want is None:
+            return
+        if self.num_shards > 1 and not distributed:  # separate runs: the manifest has it
+            try:
+                total = read_meta(prefix).size
+            except DatastoreError:  # a later shard writes the manifest
+                return
+        if total != want:
+            logger.warning("--dstore-size %d: the dump wrote %d entries to %s; its meta file "
+                           "holds the size that counts (--dstore-size is not needed)", want,
+                           total, prefix)
+
+    def _log_summary(self, totals: dict[str, float], distributed: bool) -> None:
         if self.retriever is not None and self.retriever.timing:
             t = dict(self.retriever.timing)
             nq = int(t.pop("queries", 0))
             logger.info("kNN-LM time by stage over %d queries: %s", nq,
                         ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
-        if self.n_scored:
-            n = self.n_scored
-            logger.info("kNN-LM: %d tokens; LM ppl %.2f -> final ppl %.2f", n,
-                        float(np.exp(-self.sum_logp["lm"] / n)),
-                        float(np.exp(-self.sum_logp["final"] / n)))
-        self.close()
+        n = int(totals["tokens"])
+        if not n:
+            return
+        where = (f" (all {torch.distributed.get_world_size()} ranks)" if distributed else
+                 f" (shard {self.shard_id} of {self.num_shards})" if self.num_shards > 1 else "")
+        logger.info("kNN-LM%s: %d tokens; LM ppl %.4f -> final ppl %.4f", where, n,
+                    ppl_from_nll(-totals["lm"] / n), ppl_from_nll(-totals["final"] / n))
 
     def abort(self) -> None:
         for w in (self.writer, self.nbr_writer):

@@ -17,6 +17,7 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
+from .errors import FlagError
 from .runtime import active_runtime
 
 DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
@@ -28,7 +29,7 @@ class KNNSequenceScorer(SequenceScorer):
         if rt is None or not rt.bound:
             return super().generate(models, sample, **kwargs)
         if len(models) != 1:
-            raise ValueError("kNN-LM options do not support ensembles: one model only")
+            raise FlagError("kNN-LM options do not support ensembles: one model only")
         hypos = self._score_targets_only(models[0], sample)
         rt.process(sample, hypos)
         return hypos

@@ -3,12 +3,13 @@
 Stock ``fairseq-eval-lm`` (no ``--task`` flag) builds the ``language_modeling`` task, so the
 plugin registers this subclass under that same name: its dataclass adds the kNN-LM flags
 (``--knnlm``, ``--save-knnlm-dstore``, ...) to ``--help`` and to hydra, all off by default,
-and ``build_model`` hands the model to an active kNN-LM run, if any. During a kNN-LM run
-with several shards (``--num-shards``/``--shard-id`` or ``--distributed-world-size``),
-``eval_lm_dataloader`` gives each shard a contiguous run of blocks, each block behind its
-true left context (fairseq deals batches round-robin, which gives the first block of each
-batch another batch's context). Nothing else changes: with the options off, training and
-evaluation are the stock ones.
+and ``build_model`` hands the model to an active kNN-LM run, if any; ``eval_lm_dataloader``
+tells it how many tokens the pass will score (for the dump's disk check and progress lines).
+During a kNN-LM run with several shards (``--num-shards``/``--shard-id`` or
+``--distributed-world-size``), ``eval_lm_dataloader`` gives each shard a contiguous run of
+blocks, each block behind its true left context (fairseq deals batches round-robin, which
+gives the first block of each batch another batch's context). Nothing else changes: with the
+options off, training and evaluation are the stock ones.
 """
 
 from __future__ import annotations
@@ -44,7 +45,11 @@ class KNNLanguageModelingTask(LanguageModelingTask):
                            batch_size: Optional[int] = None, max_positions: Any = None,
                            num_shards: int = 1, shard_id: int = 0, num_workers: int = 1,
                            data_buffer_size: int = 10, context_window: int = 0) -> Any:
-        if num_shards <= 1 or active_runtime() is None:
+        rt = active_runtime()
+        if rt is not None:
+            lo, hi = contiguous_range(len(dataset), num_shards, shard_id)
+            rt.begin(_tokens_in(dataset, lo, hi))
+        if num_shards <= 1 or rt is None:
             return super().eval_lm_dataloader(
                 dataset, max_tokens=max_tokens, batch_size=batch_size,
                 max_positions=max_positions, num_shards=num_shards, shard_id=shard_id,
@@ -69,6 +74,14 @@ class KNNLanguageModelingTask(LanguageModelingTask):
             max_sentences=batch_size, max_positions=max_positions, ignore_invalid_inputs=True,
             num_shards=1, shard_id=0, num_workers=num_workers,
             data_buffer_size=data_buffer_size).next_epoch_itr(shuffle=False)
+
+
+def _tokens_in(dataset: Any, lo: int, hi: int) -> Optional[int]:
+    """Tokens that eval-lm scores in items [lo, hi) (each block's size), None if unknown."""
+    sizes = getattr(dataset, "sizes", None)
+    if sizes is None:
+        return None
+    return int(np.asarray(sizes[lo:hi], dtype=np.int64).sum())
 
 
 class _ItemRange(FairseqDataset):
