@@ -29,10 +29,10 @@ import re
 import sys
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .errors import KNNLMError
-from .runtime import KNNEvalRuntime, wants_runtime
+from .runtime import BatchObserver, KNNEvalRuntime, wants_runtime
 from .scorer import KNNSequenceScorer
 
 logger = logging.getLogger(__name__)
@@ -44,8 +44,13 @@ EVAL_LM_PROGRAM = "fairseq-eval-lm"
 _fairseq_main: Optional[Callable[..., Any]] = None
 
 
-def knnlm_main(cfg: Any, **kwargs: Any) -> Any:
-    """fairseq-eval-lm's ``main`` with the kNN-LM run around it when a kNN-LM option is on."""
+def knnlm_main(cfg: Any, knn_observers: Sequence[BatchObserver] = (), **kwargs: Any) -> Any:
+    """fairseq-eval-lm's ``main`` with the kNN-LM run around it when a kNN-LM option is on.
+
+    ``knn_observers``: callables that receive every scored batch's numbers (runtime.ScoredBatch:
+    the scorer's own log-probs, not a recomputation), for tools built on the scorer such as
+    knnlm-explain; pass them through ``distributed_utils.call_main(cfg, knnlm_main,
+    knn_observers=[...])``."""
     from argparse import Namespace
 
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
@@ -56,6 +61,8 @@ def knnlm_main(cfg: Any, **kwargs: Any) -> Any:
     if not wants_runtime(cfg.task):
         return _fairseq_main(cfg, **kwargs)
     rt = KNNEvalRuntime(cfg)
+    for obs in knn_observers:
+        rt.add_observer(obs)
     with rt.activate():
         try:
             result = _fairseq_main(cfg, **kwargs)

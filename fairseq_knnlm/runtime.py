@@ -23,7 +23,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -198,6 +198,24 @@ class _Batch:
     skip: int  # leading positions of each hypothesis that eval-lm does not score (bos)
 
 
+@dataclass
+class ScoredBatch:
+    """The scorer's numbers for the scored tokens of one batch (row-major order), handed to
+    observers (``KNNEvalRuntime.add_observer``) after the batch is scored."""
+
+    sample_ids: np.ndarray  # (n,) the block (``sample['id']``) each token belongs to
+    positions: np.ndarray  # (n,) offset of each target in the subset's token stream (-1 unknown)
+    targets: torch.Tensor  # (n,) int64 target token ids
+    lm_logp: torch.Tensor  # (n,) float32 log p_LM(target)
+    knn_logp: Optional[torch.Tensor]  # (n,) float32 log p_kNN(target), None without --knnlm
+    cache_logp: Optional[torch.Tensor]  # (n,) float32 log p_cache(target), None without cache
+    final_logp: torch.Tensor  # (n,) float32 the interpolated log p that eval-lm scores
+    retrieved: Optional[Retrieved]  # the neighbours behind knn_logp (ids, distances, values)
+
+
+BatchObserver = Callable[[ScoredBatch], None]
+
+
 class KNNEvalRuntime:
     def __init__(self, cfg: Any) -> None:
         t = cfg.task
@@ -241,6 +259,11 @@ class KNNEvalRuntime:
         self._offsets: Optional[np.ndarray] = None
         self.n_scored = 0
         self.sum_logp = {"lm": 0.0, "final": 0.0}
+        self.observers: list[BatchObserver] = []
+
+    def add_observer(self, observer: BatchObserver) -> None:
+        """Call ``observer(ScoredBatch)`` after every scored batch (kNN-LM or cache runs)."""
+        self.observers.append(observer)
 
     # ---- binding (called from the task's build_model) ----
     def bind(self, task: Any, model: torch.nn.Module) -> None:
@@ -353,7 +376,7 @@ class KNNEvalRuntime:
             self._dump(sample, b)
         if self.knnlm or self.cache:
             lm = torch.cat([h[0]["positional_scores"][b.skip:] for h in hypos]).float()
-            final, retrieved = self._knn(lm, b)
+            final, knn_lp, retrieved = self._knn(lm, b)
             cache_lp = None
             if self.cache:
                 cache_lp = self._cache(sample, b).to(lm.device)
@@ -364,6 +387,8 @@ class KNNEvalRuntime:
             self.sum_logp["final"] += float(final.sum())
             self.n_scored += len(final)
             self._write_back(hypos, b, final)
+            if self.observers:
+                self._notify(sample, b, lm, knn_lp, cache_lp, final, retrieved)
         self._report_progress(len(b.targets))
 
     def _collect(self, sample: dict, hypos: list) -> _Batch:
@@ -384,20 +409,37 @@ class KNNEvalRuntime:
     def _dump(self, sample: dict, b: _Batch) -> None:
         """Append the batch's (key, next token, stream position) rows to the datastore."""
         assert self.writer is not None
-        block_off = self._offsets_for(sample["id"])
-        pos = np.concatenate([block_off[i] + np.arange(n) if block_off[i] >= 0
-                              else np.full(n, -1) for i, _, n in b.spans]).astype(np.int64)
         self.writer.add(b.queries.cpu().numpy().astype(self.writer.key_dtype, copy=False),
-                        b.targets.cpu().numpy().astype(np.int32), pos)
+                        b.targets.cpu().numpy().astype(np.int32), self._positions(sample, b))
 
-    def _knn(self, lm: torch.Tensor,
-             b: _Batch) -> tuple[torch.Tensor, Optional[Retrieved]]:
-        """log p of the targets after the kNN interpolation (Eq. 3), and what was retrieved;
-        the LM's own log-probs when there is no datastore."""
+    def _positions(self, sample: dict, b: _Batch) -> np.ndarray:
+        """(n,) offset of each scored target in the subset's token stream (-1 if unknown)."""
+        block_off = self._offsets_for(sample["id"])
+        return np.concatenate([block_off[i] + np.arange(n) if block_off[i] >= 0
+                               else np.full(n, -1) for i, _, n in b.spans]).astype(np.int64)
+
+    def _knn(self, lm: torch.Tensor, b: _Batch
+             ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[Retrieved]]:
+        """log p of the targets after the kNN interpolation (Eq. 3), log p_kNN, and what was
+        retrieved; the LM's own log-probs (and None, None) when there is no datastore."""
         if self.retriever is None:
-            return lm, None
+            return lm, None, None
         knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
-        return interpolate(lm, knn_lp.to(lm.device), self.task_cfg.lmbda), retrieved
+        knn_lp = knn_lp.to(lm.device)
+        return interpolate(lm, knn_lp, self.task_cfg.lmbda), knn_lp, retrieved
+
+    def _notify(self, sample: dict, b: _Batch, lm: torch.Tensor, knn_lp: Optional[torch.Tensor],
+                cache_lp: Optional[torch.Tensor], final: torch.Tensor,
+                retrieved: Optional[Retrieved]) -> None:
+        """Hand the batch's numbers to the observers."""
+        ids = sample["id"].cpu().numpy()
+        sample_ids = np.concatenate([np.full(n, ids[i], dtype=np.int64) for i, _, n in b.spans])
+        scored = ScoredBatch(sample_ids=sample_ids, positions=self._positions(sample, b),
+                             targets=b.targets,
+                             lm_logp=lm, knn_logp=knn_lp, cache_logp=cache_lp, final_logp=final,
+                             retrieved=retrieved)
+        for obs in self.observers:
+            obs(scored)
 
     def _cache(self, sample: dict, b: _Batch) -> torch.Tensor:
         """log p_cache of the targets, each row's history being the positions before it."""

@@ -252,3 +252,31 @@ def test_knnlm_error_is_a_value_error_for_flags():
     KNNLMError."""
     assert issubclass(FlagError, ValueError) and issubclass(FlagError, KNNLMError)
     assert issubclass(DatastoreError, KNNLMError)
+
+
+def test_observers_get_the_scorer_numbers(tiny, dstore):
+    """knnlm_main(cfg, knn_observers=[...]) hands every scored batch to the observers (also
+    through distributed_utils.call_main, which passes keyword arguments on): the
+    final log-probs are exactly the ones eval-lm averages, positions map to the stream."""
+    import torch
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from fairseq_knnlm.eval_lm_patch import knnlm_main
+    from fairseq_knnlm.knn import interpolate
+
+    batches = []
+    args = eval_args(tiny, "test", "--knnlm", "--dstore-filename", str(dstore), "--indexfile",
+                     f"{dstore}.flat", "--k", "8", "--lmbda", "0.3")
+    a = options.parse_args_and_arch(options.get_eval_lm_parser(), args)
+    res = knnlm_main(convert_namespace_to_omegaconf(a), knn_observers=[batches.append])
+    assert batches
+    final = torch.cat([b.final_logp for b in batches])
+    # eval-lm's loss is the mean NLL in base 2 of exactly these log-probs
+    assert float(-final.mean()) / math.log(2) == pytest.approx(float(res["loss"]), abs=1e-5)
+    for b in batches:
+        assert b.knn_logp is not None and b.retrieved is not None
+        assert torch.allclose(interpolate(b.lm_logp, b.knn_logp, 0.3), b.final_logp)
+        assert len(b.positions) == len(b.targets) == len(b.sample_ids)
+    pos = np.concatenate([b.positions for b in batches])
+    assert sorted(pos.tolist()) == list(range(len(pos)))  # every test token once
