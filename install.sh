@@ -25,8 +25,18 @@ source "$VENV/bin/activate"
 pip_q() { pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 # the FAISS distribution the extra installs (all three provide the same `faiss` module)
 case "$FAISS_EXTRA" in cpu) FAISS_DIST=faiss-cpu ;; gpu) FAISS_DIST=faiss-gpu ;; *) FAISS_DIST=faiss-gpu-cuvs ;; esac
+# every console script of pyproject.toml present (an older install lacks newer commands)
+scripts_ok() {
+  python - "$VENV" <<'PY'
+import pathlib, re, sys
+text = pathlib.Path("pyproject.toml").read_text()
+block = text.split("[project.scripts]", 1)[1].split("\n[", 1)[0]
+names = re.findall(r"^([\w-]+)\s*=", block, re.M)
+sys.exit(0 if all((pathlib.Path(sys.argv[1]) / "bin" / n).exists() for n in names) else 1)
+PY
+}
 if ! python -c "import fairseq, faiss, fairseq_knnlm" >/dev/null 2>&1 \
-    || ! pip show -q "$FAISS_DIST" >/dev/null 2>&1; then
+    || ! pip show -q "$FAISS_DIST" >/dev/null 2>&1 || ! scripts_ok; then
   pip_q --upgrade pip setuptools wheel
   pip_q "$TORCH_SPEC" cython "numpy>=1.21"
   for other in faiss-cpu faiss-gpu faiss-gpu-cuvs faiss-gpu-cu12; do  # one faiss module only
