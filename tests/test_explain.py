@@ -21,8 +21,10 @@ import torch
 from conftest import eval_args, eval_lm_inprocess
 
 from fairseq_knnlm import explain as ex
+from fairseq_knnlm import explain_aggregate as ea
 from fairseq_knnlm.cli.explain import cli_main
 from fairseq_knnlm.datastore import open_datastore
+from fairseq_knnlm.explain_html import render_html
 from fairseq_knnlm.retriever import Retrieved
 from fairseq_knnlm.runtime import ScoredBatch
 
@@ -118,22 +120,22 @@ def test_longest_train_ngram_against_brute_force():
         return best
 
     pos = np.arange(len(stream))
-    got = ex.longest_train_ngram(stream, pos, train, max_n=8, chunk=64)  # chunked reads
+    got = ea.longest_train_ngram(stream, pos, train, max_n=8, chunk=64)  # chunked reads
     assert got.tolist() == [brute(int(p), 8) for p in pos]
     assert got[19] == 8 and (got[stream >= 6] == 0).all()
 
 
 def test_buckets_and_labels():
-    assert ex.freq_labels() == ["0", "1-9", "10-99", "100-999", "1,000-9,999", ">= 10,000"]
-    assert ex.freq_bucket(np.array([0, 1, 9, 10, 999, 1000, 10**6])).tolist() == [
+    assert ea.freq_labels() == ["0", "1-9", "10-99", "100-999", "1,000-9,999", ">= 10,000"]
+    assert ea.freq_bucket(np.array([0, 1, 9, 10, 999, 1000, 10**6])).tolist() == [
         0, 1, 1, 2, 3, 4, 5]
-    labels = ex.ngram_labels(8)
+    labels = ea.ngram_labels(8)
     assert labels == ["0 (token unseen)", "1 (token only)", "2", "3", "4", "5-7", ">= 8"]
-    b = ex.ngram_bucket(np.array([0, 1, 2, 4, 5, 7, 8]), 8)
+    b = ea.ngram_bucket(np.array([0, 1, 2, 4, 5, 7, 8]), 8)
     assert [labels[i] for i in b] == ["0 (token unseen)", "1 (token only)", "2", "4", "5-7",
                                       "5-7", ">= 8"]
-    assert ex.ngram_labels(3) == ["0 (token unseen)", "1 (token only)", "2", ">= 3"]
-    assert ex.ngram_bucket(np.array([3]), 3).tolist() == [3]
+    assert ea.ngram_labels(3) == ["0 (token unseen)", "1 (token only)", "2", ">= 3"]
+    assert ea.ngram_bucket(np.array([3]), 3).tolist() == [3]
 
 
 def test_blocks_for_range_and_the_covering_shard():
@@ -163,7 +165,7 @@ def test_html_is_self_contained_and_escapes_its_data():
                           "context": "a & b"}], "target_neighbors": []}
     doc = {"perplexity": 4.48, "lm_perplexity": 7.39, "n_tokens": 1, "k": 8, "lmbda": 0.25,
            "knn_temp": 10.0, "subset": "valid", "tokens": [tok]}
-    page = ex.render_html(doc)
+    page = render_html(doc)
     assert page.count("</script>") == 3  # the error hook, the data and the code: no more
     for external in ("http://", "https://", "src=", "<link", "@import", "url("):
         assert external not in page

@@ -158,8 +158,10 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     from .. import explain as ex
+    from .. import explain_aggregate as ea
     from ..datastore import open_datastore
     from ..eval_lm_patch import knnlm_main
+    from ..explain_html import render_html
     from ..runtime import check_flags
 
     args = options.parse_args_and_arch(options.get_eval_lm_parser(), eval_lm_argv(rest))
@@ -220,17 +222,17 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
         if own.aggregate:
             stream = ex.load_split_stream(cfg.task.data, subset)
             assert stream is not None and train.stream is not None
-            agg = ex.aggregate(table, stream, train.stream, symbols, max_n=own.max_ngram)
+            agg = ea.aggregate(table, stream, train.stream, symbols, max_n=own.max_ngram)
             doc["aggregate"] = agg.to_dict()
     print(ex.format_table(doc, max_rows=own.rows, marks=own.marks))
     if text_stats and text_stats["unknown"]:
         print(f"({text_stats['unknown']} words of the text are not in the model's dictionary: "
               "shown as <unk>)")
     if agg is not None:
-        print("\n" + ex.format_aggregate(agg))
+        print("\n" + ea.format_aggregate(agg))
     for out, write in ((own.json, lambda p: p.write_text(json.dumps(doc, indent=1))),
-                       (own.html, lambda p: p.write_text(ex.render_html(doc), encoding="utf-8")),
-                       (own.plot, lambda p: ex.plot_aggregate(agg, p, _label(doc)))):
+                       (own.html, lambda p: p.write_text(render_html(doc), encoding="utf-8")),
+                       (own.plot, lambda p: ea.plot_aggregate(agg, p, _label(doc)))):
         if out:
             path = Path(out)
             path.parent.mkdir(parents=True, exist_ok=True)
