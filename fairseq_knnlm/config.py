@@ -13,6 +13,8 @@ from fairseq.tasks.language_modeling import LanguageModelingConfig
 
 from .hooks import DEFAULT_KEYTYPE
 
+DEFAULT_MIN_POINTERS = 64
+
 
 @dataclass
 class KNNLMOptions:
@@ -62,10 +64,31 @@ class KNNLMOptions:
         "help": "memory-map the FAISS index (IO_FLAG_MMAP) instead of reading it into RAM"})
     knn_save_neighbors: Optional[str] = field(default=None, metadata={
         "help": "save retrieved neighbours (ids, distances, LM log-probs) to this prefix for "
-                "offline sweeps with knnlm-sweep"})
+                "offline sweeps with knnlm-sweep; with --knn-pointers also the queries and "
+                "each token's mode, for knnlm-sweep --pointer-thresholds"})
+    knn_torch_exact: bool = field(default=False, metadata={
+        "help": "exact search with torch over the keys held in memory instead of a FAISS "
+                "index (--indexfile not needed): float32 keys on the CPU, float16 on the GPU "
+                "with --knn-gpu (for keys that fit in GPU memory, without faiss-gpu)"})
+    # ---- fewer searches: pointers (RetoMaton, Alon et al. 2022) ----
+    knn_pointers: bool = field(default=False, metadata={
+        "help": "follow pointers: the datastore rows after the previous token's neighbours "
+                "whose value was the token seen become this token's candidates; search only "
+                "when fewer than --knn-min-pointers are alive. Logs 'kNN-LM searches: S of N "
+                "tokens (x%%)' at the end"})
+    knn_min_pointers: int = field(default=DEFAULT_MIN_POINTERS, metadata={
+        "help": "with --knn-pointers: use the pointers as the neighbours (exact distances "
+                "from the keys, or from the index's codes with faiss_l2) when at least this "
+                "many are alive, else search; above --k it always searches (= plain kNN-LM)"})
+    knn_clusters: Optional[str] = field(default=None, metadata={
+        "help": "with --knn-pointers: cluster files (python -m fairseq_knnlm.cli.clusters) "
+                "so that each pointer stands for the members of its cluster (RetoMaton); "
+                "--knn-min-pointers then counts these candidates"})
     # ---- continuous cache (Grave et al. 2017) ----
     knn_cache: bool = field(default=False, metadata={
-        "help": "interpolate a continuous cache over the recent history of the evaluated text"})
+        "help": "interpolate a continuous cache over the recent history of the evaluated "
+                "text; its hidden state is the --knn-keytype state (not the final layer output "
+                "of Grave et al.), so --cache-theta depends on the key type"})
     cache_lmbda: float = field(default=0.1, metadata={"help": "cache interpolation weight"})
     cache_theta: float = field(default=0.05, metadata={
         "help": "cache flatness theta in exp(theta h.h_i) (tune on validation)"})

@@ -2,7 +2,10 @@
 
 Plain Python, no fairseq: the scorer passes (n, D) queries (every scored position of a batch
 at once) and (n,) targets; ``KNNRetriever.score`` returns log p_kNN(target) and what was
-retrieved, which the offline-sweep writer can save.
+retrieved, which the offline-sweep writer can save. ``score_streams`` does the same with
+pointers (pointers.py): token by token along each stream, searching only where the search
+policy says so. ``--knn-torch-exact`` replaces the FAISS index by an exact torch search
+(torch_search.py) over the keys held in memory.
 """
 
 from __future__ import annotations
@@ -12,15 +15,16 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from .datastore import Datastore, open_datastore
 from .errors import FlagError
-from .index import check_index_matches, load_index, search
-from .knn import knn_log_prob, normalize_sim_func, recompute_distances
+from .index import _faiss, check_index_matches, load_index, search
+from .knn import KNN_LOGP_FLOOR, knn_log_prob, normalize_sim_func, recompute_distances
+from .pointers import SKIP, SearchPolicy, StreamResults, run_streams, stream_continues
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +32,48 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Retrieved:
     ids: np.ndarray  # (n, k) int64 datastore rows, -1 where FAISS found fewer than k
-    faiss_dists: np.ndarray  # (n, k) float32 FAISS (quantized) squared L2
+    faiss_dists: np.ndarray  # (n, k) float32 FAISS (quantized) squared L2 (inf: not searched)
     dists: torch.Tensor  # (n, k) float32 distance used for p_kNN (smaller is closer)
     nbr_vals: torch.Tensor  # (n, k) int64 next-token ids of the neighbours (-1 where masked)
     valid: torch.Tensor  # (n, k) bool
+    # with pointers (pointers.py): each token's mode (SEARCH, POINTERS, SKIP) and its live
+    # pointers before the step; None: every token was searched
+    modes: Optional[np.ndarray] = None
+    n_pointers: Optional[np.ndarray] = None
+
+
+class CodeDistances:
+    """Squared L2 between queries and datastore rows as the index stores them, i.e. FAISS's
+    own distances up to rounding: the query through the index's pre-transform (OPQ, PCA),
+    the row reconstructed from its code (IVF lists get a direct map, 8 bytes per row, on
+    first use). For pointer steps with FAISS distances (--knn-sim-func faiss_l2)."""
+
+    def __init__(self, index: Any) -> None:
+        faiss = _faiss()
+        self.pre = None
+        base = faiss.downcast_index(index)
+        if isinstance(base, faiss.IndexPreTransform):
+            self.pre = base
+            base = faiss.downcast_index(base.index)
+        self.base = base
+        ivf = faiss.try_extract_index_ivf(base)
+        if ivf is not None:
+            ivf.make_direct_map()
+
+    def __call__(self, queries: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        q = np.ascontiguousarray(queries.detach().float().cpu().numpy())
+        if self.pre is not None:
+            faiss = _faiss()
+            for i in range(self.pre.chain.size()):
+                q = faiss.downcast_VectorTransform(self.pre.chain.at(i)).apply(q)
+        ids = np.asarray(ids, dtype=np.int64)
+        valid = ids >= 0
+        out = np.full(ids.shape, np.inf, dtype=np.float32)
+        rows, cols = np.nonzero(valid)
+        if len(rows):
+            rec = self.base.reconstruct_batch(np.ascontiguousarray(ids[rows, cols]))
+            out[rows, cols] = ((rec - q[rows]) ** 2).sum(1)
+        return torch.from_numpy(out).to(queries.device)
 
 
 class KNNRetriever:
@@ -40,7 +82,7 @@ class KNNRetriever:
     def __init__(
         self,
         dstore_prefix: Union[str, Path],
-        index_path: Union[str, Path],
+        index_path: Optional[Union[str, Path]],
         k: int = 1024,
         probe: int = 32,
         sim_func: str = "l2",  # l2, faiss_l2 (alias do_not_recomp_l2) or dot
@@ -49,60 +91,167 @@ class KNNRetriever:
         load_keys: bool = True,
         gpu: bool = False,
         mmap_index: bool = False,
+        torch_exact: bool = False,
     ) -> None:
         sim_func = normalize_sim_func(sim_func)  # do_not_recomp_l2 -> faiss_l2
         if not load_keys and sim_func != "faiss_l2":
             raise FlagError(f"--no-load-keys leaves no keys to compute '{sim_func}' distances "
                             "from: use --knn-sim-func faiss_l2 or drop --no-load-keys")
+        if torch_exact and not load_keys:
+            raise FlagError("--knn-torch-exact searches the keys: drop --no-load-keys")
         if not temperature > 0:
             raise FlagError(f"--knn-temp must be > 0, got {temperature}")
         if k <= 0:
             raise FlagError(f"--k must be positive, got {k}")
         if probe <= 0:
             raise FlagError(f"--probe must be positive, got {probe}")
+        if index_path is None and not torch_exact:
+            raise FlagError("--knnlm needs --indexfile INDEX (or --knn-torch-exact)")
         self.ds: Datastore = open_datastore(dstore_prefix, load_keys=load_keys,
                                             keys_in_memory=keys_in_memory)
         if k > self.ds.size:
             raise FlagError(f"--k {k} is larger than the datastore ({self.ds.size} entries)")
-        self.record = check_index_matches(index_path, self.ds)
         self.k, self.sim_func, self.temperature = k, sim_func, temperature
-        self.index = load_index(index_path, probe=probe, gpu=gpu, mmap=mmap_index)
+        self.record: dict[str, Any] = {}
+        self.index: Any
+        if torch_exact:
+            from .torch_search import TorchExactIndex
+
+            if gpu and not torch.cuda.is_available():
+                raise FlagError("--knn-torch-exact --knn-gpu needs a visible CUDA GPU")
+            self.index = TorchExactIndex(self.ds.keys, "dot" if sim_func == "dot" else "l2",
+                                         device="cuda" if gpu else "cpu")
+            what = f"exact torch search on {'cuda' if gpu else 'cpu'}"
+        else:
+            assert index_path is not None
+            self.record = check_index_matches(index_path, self.ds)
+            self.index = load_index(index_path, probe=probe, gpu=gpu, mmap=mmap_index)
+            what = f"index {index_path} ({self.record.get('settings', {}).get('index_type')})"
+        self.torch_exact, self.gpu = torch_exact, gpu
         # values as one contiguous int64 tensor: gathers by id are then one indexing op
         self.vals = torch.from_numpy(np.asarray(self.ds.vals[:, 0], dtype=np.int64))
+        self._continues: Optional[np.ndarray] = None
+        self._code_dists: Optional[CodeDistances] = None
         self.timing: dict[str, float] = defaultdict(float)  # seconds per stage, for profiling
-        logger.info("kNN-LM datastore %s: %d entries, dim %d, key type %s; index %s (%s)",
-                    self.ds.prefix, self.ds.size, self.ds.dim, self.ds.meta.keytype, index_path,
-                    self.record.get("settings", {}).get("index_type"))
+        logger.info("kNN-LM datastore %s: %d entries, dim %d, key type %s; %s",
+                    self.ds.prefix, self.ds.size, self.ds.dim, self.ds.meta.keytype, what)
 
-    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+    # ---- the pieces of a retrieval ----
+    def search(self, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's (or the torch search's) distances and ids (n, k) for float queries."""
+        t0 = time.perf_counter()
+        fd, ids = search(self.index, queries.detach().float().cpu().numpy(), self.k)
+        self.timing["faiss_search"] += time.perf_counter() - t0
+        return fd, ids
+
+    def distances(self, queries: torch.Tensor, ids: np.ndarray, faiss_dists: np.ndarray
+                  ) -> torch.Tensor:
+        """(n, k) distances for p_kNN of the rows found: FAISS's own (faiss_l2), or exact
+        from the keys; +inf at -1 ids."""
         t0 = time.perf_counter()
         q = queries.detach().float()
-        fd, ids = search(self.index, q.cpu().numpy(), self.k)
-        t1 = time.perf_counter()
-        valid_np = ids >= 0
-        if self.sim_func == "faiss_l2":
-            dists = torch.from_numpy(np.where(valid_np, fd, np.inf).astype(np.float32))
-            dists = dists.to(q.device)
+        if self.sim_func == "faiss_l2" or (self.torch_exact and self.sim_func == "l2"):
+            # the torch search's distances are the exact squared L2 already
+            d = torch.from_numpy(np.where(ids >= 0, faiss_dists, np.inf).astype(np.float32))
+            d = d.to(q.device)
         else:
             assert self.ds.keys is not None
-            dists = recompute_distances(q, ids, self.ds.keys, self.sim_func)
-        t2 = time.perf_counter()
+            d = recompute_distances(q, ids, self.ds.keys, self.sim_func)
+        self.timing["exact_distances"] += time.perf_counter() - t0
+        return d
+
+    def pointer_distances(self, queries: torch.Tensor, ids: np.ndarray) -> torch.Tensor:
+        """(u, c) distances of given rows (-1 padded): exact from the keys (l2, dot), or from
+        the index's codes (faiss_l2: what FAISS would have returned for them)."""
+        if self.sim_func == "faiss_l2":
+            if self.torch_exact:
+                assert self.ds.keys is not None
+                return recompute_distances(queries, ids, self.ds.keys, "l2")
+            if self._code_dists is None:
+                self._code_dists = CodeDistances(self.index)
+            return self._code_dists(queries, ids)
+        assert self.ds.keys is not None
+        return recompute_distances(queries, ids, self.ds.keys, self.sim_func)
+
+    def values(self, ids: np.ndarray, device: Any = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """The neighbours' values (-1 where masked) and the valid mask, both (n, k)."""
+        t0 = time.perf_counter()
+        valid_np = np.asarray(ids) >= 0
         safe = torch.from_numpy(np.where(valid_np, ids, 0))
         nbr_vals = self.vals[safe].masked_fill(torch.from_numpy(~valid_np), -1)
-        self.timing["faiss_search"] += t1 - t0
-        self.timing["exact_distances"] += t2 - t1
-        self.timing["gather_values"] += time.perf_counter() - t2
+        self.timing["gather_values"] += time.perf_counter() - t0
+        return nbr_vals.to(device), torch.from_numpy(valid_np).to(device)
+
+    @property
+    def continues(self) -> np.ndarray:
+        """Which rows continue their stream in the next row (pointers.stream_continues)."""
+        if self._continues is None:
+            t0 = time.perf_counter()
+            self._continues = stream_continues(self.ds.pos)
+            logger.info("pointers: read the position map of %d rows in %.1fs", self.ds.size,
+                        time.perf_counter() - t0)
+        return self._continues
+
+    # ---- whole retrievals ----
+    def retrieve(self, queries: torch.Tensor) -> Retrieved:
+        q = queries.detach().float()
+        fd, ids = self.search(q)
+        dists = self.distances(q, ids, fd)
+        nbr_vals, valid = self.values(ids, q.device)
         self.timing["queries"] += len(q)
-        return Retrieved(ids=ids, faiss_dists=fd, dists=dists,
-                         nbr_vals=nbr_vals.to(q.device),
-                         valid=torch.from_numpy(valid_np).to(q.device))
+        return Retrieved(ids=ids, faiss_dists=fd, dists=dists, nbr_vals=nbr_vals, valid=valid)
+
+    def _log_prob(self, r: Retrieved, targets: torch.Tensor,
+                  temperature: Optional[float]) -> torch.Tensor:
+        t0 = time.perf_counter()
+        logp = knn_log_prob(r.dists, r.nbr_vals, targets.to(r.dists.device),
+                            temperature or self.temperature, r.valid)
+        self.timing["knn_softmax"] += time.perf_counter() - t0
+        return logp
 
     def score(self, queries: torch.Tensor, targets: torch.Tensor,
               temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
         """log p_kNN(targets) (n,) in float32, and the retrieval it came from."""
         r = self.retrieve(queries)
-        t0 = time.perf_counter()
-        logp = knn_log_prob(r.dists, r.nbr_vals, targets.to(r.dists.device),
-                            temperature or self.temperature, r.valid)
-        self.timing["knn_softmax"] += time.perf_counter() - t0
-        return logp, r
+        return self._log_prob(r, targets, temperature), r
+
+    def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
+                    starts: Sequence[int], lengths: Sequence[int],
+                    init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
+                    expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                    ) -> StreamResults:
+        """pointers.run_streams with this retriever's search and distances."""
+        q = queries.detach().float()
+
+        def search_fn(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+            qi = q[torch.from_numpy(idx)]
+            fd, ids = self.search(qi)
+            return ids, fd, self.distances(qi, ids, fd)
+
+        def dist_fn(idx: np.ndarray, ids: np.ndarray) -> torch.Tensor:
+            return self.pointer_distances(q[torch.from_numpy(idx)], ids)
+
+        return run_streams(starts, lengths, init, targets.cpu().numpy(),
+                           lambda idx: q[torch.from_numpy(idx)], search_fn, dist_fn,
+                           self.vals.numpy(), self.continues, self.k, policy, self.timing,
+                           expand)
+
+    def score_streams(self, queries: torch.Tensor, targets: torch.Tensor,
+                      starts: Sequence[int], lengths: Sequence[int],
+                      init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
+                      temperature: Optional[float] = None,
+                      expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                      ) -> tuple[torch.Tensor, Retrieved, list[np.ndarray]]:
+        """log p_kNN(targets) with pointers (pointers.run_streams; ``KNN_LOGP_FLOOR`` for
+        SKIP tokens), the neighbours used, and each stream's pointers after its last token."""
+        res = self.run_streams(queries, targets, starts, lengths, init, policy, expand)
+        dev = queries.device
+        nbr_vals, valid = self.values(res.ids, dev)
+        r = Retrieved(ids=res.ids, faiss_dists=res.faiss_dists, dists=res.dists.to(dev),
+                      nbr_vals=nbr_vals, valid=valid, modes=res.modes,
+                      n_pointers=res.n_pointers)
+        self.timing["queries"] += len(targets)
+        logp = self._log_prob(r, targets, temperature)
+        skip = torch.from_numpy(res.modes == SKIP).to(logp.device)
+        logp = logp.masked_fill(skip, KNN_LOGP_FLOOR)
+        return logp, r, res.final

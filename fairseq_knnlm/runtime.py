@@ -40,6 +40,16 @@ from .errors import FlagError
 from .eval_progress import EvalProgress
 from .hooks import KeyCapture, find_decoder, parse_keytype, resolve_keytype
 from .knn import interpolate, normalize_sim_func, recompute_distances
+from .pointers import (
+    SKIP,
+    CarriedPointers,
+    Clusters,
+    MinPointers,
+    SearchPolicy,
+    count_modes,
+    load_clusters,
+    searches_line,
+)
 from .retriever import KNNRetriever, Retrieved
 from .shards import shard_prefix, try_write_manifest
 from .sweep import NeighborWriter, ppl_from_nll, write_neighbors_manifest
@@ -105,8 +115,9 @@ def check_flags(t: Any) -> None:
     if t.save_knnlm_dstore:
         _require(bool(t.dstore_mmap), "--save-knnlm-dstore needs --dstore-mmap PREFIX")
     if t.knnlm:
-        _require(bool(t.dstore_filename and t.indexfile),
-                 "--knnlm needs --dstore-filename PREFIX and --indexfile INDEX")
+        _require(bool(t.dstore_filename and (t.indexfile or t.knn_torch_exact)),
+                 "--knnlm needs --dstore-filename PREFIX and --indexfile INDEX (or "
+                 "--knn-torch-exact)")
         _require(t.k >= 1, f"--k must be >= 1, got {t.k}")
         _require(t.probe >= 1, f"--probe must be >= 1 (IVF lists searched per query), "
                  f"got {t.probe}")
@@ -117,9 +128,21 @@ def check_flags(t: Any) -> None:
         _require(not t.no_load_keys or sim == "faiss_l2",
                  f"--no-load-keys leaves no keys to compute '{t.knn_sim_func}' distances from: "
                  "use --knn-sim-func faiss_l2 or drop --no-load-keys")
+        _require(not (t.knn_torch_exact and t.no_load_keys),
+                 "--knn-torch-exact searches the keys held in memory: drop --no-load-keys")
+        if t.knn_pointers:
+            _require(t.knn_min_pointers >= 0,
+                     f"--knn-min-pointers must be >= 0, got {t.knn_min_pointers}")
+            _require(not (t.knn_gpu and sim == "faiss_l2" and not t.knn_torch_exact),
+                     "--knn-pointers with FAISS distances (faiss_l2) reads the index's codes, "
+                     "which a GPU index does not offer: drop --knn-gpu or use --knn-sim-func l2")
     else:
         _require(not t.knn_save_neighbors,
                  "--knn-save-neighbors saves what the kNN search retrieved: it needs --knnlm")
+        _require(not t.knn_pointers, "--knn-pointers steers the kNN search: it needs --knnlm")
+        _require(not t.knn_torch_exact, "--knn-torch-exact is a kNN search: it needs --knnlm")
+    _require(not t.knn_clusters or (t.knnlm and t.knn_pointers),
+             "--knn-clusters extends the pointers: it needs --knnlm --knn-pointers")
     if t.knn_cache:
         _require(_in_unit_interval(t.cache_lmbda),
                  f"--cache-lmbda must be in [0, 1], got {t.cache_lmbda}")
@@ -196,6 +219,7 @@ class _Batch:
     queries: torch.Tensor  # (n, C) float32 keys of the scored positions
     targets: torch.Tensor  # (n,) int64 the tokens scored there
     skip: int  # leading positions of each hypothesis that eval-lm does not score (bos)
+    fresh: Optional[np.ndarray] = None  # (n,) uint8, with pointers: 1 where a stream starts
 
 
 @dataclass
@@ -248,7 +272,20 @@ class KNNEvalRuntime:
             self.retriever = KNNRetriever(
                 t.dstore_filename, t.indexfile, k=t.k, probe=t.probe, sim_func=t.knn_sim_func,
                 temperature=t.knn_temp, keys_in_memory=t.move_dstore_to_mem,
-                load_keys=not t.no_load_keys, gpu=t.knn_gpu, mmap_index=t.knn_mmap_index)
+                load_keys=not t.no_load_keys, gpu=t.knn_gpu, mmap_index=t.knn_mmap_index,
+                torch_exact=t.knn_torch_exact)
+        # the search policy (pointers.py): None searches every token in one call per batch
+        self.policy: Optional[SearchPolicy] = None
+        self.clusters: Optional[Clusters] = None
+        if self.knnlm and t.knn_pointers:
+            self.policy = MinPointers(t.knn_min_pointers)
+            if t.knn_clusters:
+                self.clusters = load_clusters(t.knn_clusters, self.retriever.ds,
+                                              limit=2 * t.k)
+            if t.knn_min_pointers > t.k and not t.knn_clusters:
+                logger.info("--knn-min-pointers %d > --k %d: every token is searched (the "
+                            "pointers are only followed to be saved)", t.knn_min_pointers, t.k)
+        self.carried = CarriedPointers()
         self.capture: Optional[KeyCapture] = None
         self.task: Any = None
         self.writer: Optional[DatastoreWriter] = None
@@ -258,6 +295,7 @@ class KNNEvalRuntime:
         self.progress: Optional[EvalProgress] = None
         self._offsets: Optional[np.ndarray] = None
         self.n_scored = 0
+        self.mode_counts = {"search": 0, "pointers": 0, "skip": 0}  # kNN-LM tokens by mode
         self.sum_logp = {"lm": 0.0, "final": 0.0}
         self.observers: list[BatchObserver] = []
 
@@ -349,7 +387,9 @@ class KNNEvalRuntime:
                 stale.unlink(missing_ok=True)
         self.nbr_writer = NeighborWriter(prefix, self.retriever.k,
                                          with_l2=self.retriever.ds.keys is not None,
-                                         with_cache=self.cache)
+                                         with_cache=self.cache,
+                                         query_dim=(self.retriever.ds.dim if self.policy
+                                                    else None))
         self.nbr_prefix = prefix
 
     # ---- per batch (called from the scorer) ----
@@ -376,7 +416,7 @@ class KNNEvalRuntime:
             self._dump(sample, b)
         if self.knnlm or self.cache:
             lm = torch.cat([h[0]["positional_scores"][b.skip:] for h in hypos]).float()
-            final, knn_lp, retrieved = self._knn(lm, b)
+            final, knn_lp, retrieved = self._knn(lm, b, sample)
             cache_lp = None
             if self.cache:
                 cache_lp = self._cache(sample, b).to(lm.device)
@@ -418,15 +458,58 @@ class KNNEvalRuntime:
         return np.concatenate([block_off[i] + np.arange(n) if block_off[i] >= 0
                                else np.full(n, -1) for i, _, n in b.spans]).astype(np.int64)
 
-    def _knn(self, lm: torch.Tensor, b: _Batch
+    def _knn(self, lm: torch.Tensor, b: _Batch, sample: dict
              ) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[Retrieved]]:
         """log p of the targets after the kNN interpolation (Eq. 3), log p_kNN, and what was
         retrieved; the LM's own log-probs (and None, None) when there is no datastore."""
         if self.retriever is None:
             return lm, None, None
-        knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+        if self.policy is None:
+            knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+            self.mode_counts["search"] += len(b.targets)
+        else:
+            knn_lp, retrieved = self._score_streams(sample, b, self.policy)
         knn_lp = knn_lp.to(lm.device)
-        return interpolate(lm, knn_lp, self.task_cfg.lmbda), knn_lp, retrieved
+        final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
+        if retrieved.modes is not None and (retrieved.modes == SKIP).any():
+            skip = torch.from_numpy(retrieved.modes == SKIP).to(lm.device)
+            final = torch.where(skip, lm.float(), final)  # no kNN for this token: p_LM
+        return final, knn_lp, retrieved
+
+    def _score_streams(self, sample: dict, b: _Batch, policy: SearchPolicy
+                       ) -> tuple[torch.Tensor, Retrieved]:
+        """p_kNN with pointers (pointers.py): every row of the batch is a stream, scored in
+        lockstep; a row continues the pointers of the token before it in the text only if
+        that token was scored in an earlier batch (CarriedPointers)."""
+        assert self.retriever is not None
+        pos = self._positions(sample, b)
+        lengths = np.array([n for _, _, n in b.spans], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        first = np.array([pos[s] if n else -1 for s, n in zip(starts, lengths)], np.int64)
+        last = np.array([pos[s + n - 1] if n else -1 for s, n in zip(starts, lengths)],
+                        np.int64)
+        init = self.carried.take(first)
+        every = getattr(policy, "searches_every_token", None)
+        most = self.clusters.limit if self.clusters is not None else self.retriever.k
+        if every is not None and every(most):  # one call, as without pointers
+            knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+            retrieved.modes = np.zeros(len(b.targets), dtype=np.int8)  # all SEARCH
+            retrieved.n_pointers = np.zeros(len(b.targets), dtype=np.int64)
+            final = [np.zeros(0, dtype=np.int64) for _ in lengths]  # the streams go on
+        else:
+            knn_lp, retrieved, final = self.retriever.score_streams(
+                b.queries, b.targets, starts, lengths, init, policy,
+                expand=self.clusters.expand if self.clusters is not None else None)
+        self.carried.keep(last, final)
+        fresh = np.zeros(len(b.targets), dtype=np.uint8)
+        for s, n, p in zip(starts, lengths, init):
+            if n and p is None:
+                fresh[s] = 1
+        b.fresh = fresh
+        assert retrieved.modes is not None
+        for name, c in count_modes(retrieved.modes).items():
+            self.mode_counts[name] += c
+        return knn_lp, retrieved
 
     def _notify(self, sample: dict, b: _Batch, lm: torch.Tensor, knn_lp: Optional[torch.Tensor],
                 cache_lp: Optional[torch.Tensor], final: torch.Tensor,
@@ -469,6 +552,10 @@ class KNNEvalRuntime:
             rows["l2_dists"] = l2.cpu().numpy()
         if cache_lp is not None:
             rows["cache_logp"] = cache_lp.cpu().numpy().astype(np.float32)
+        if self.nbr_writer.query_dim is not None:  # what a pointer replay needs
+            assert retrieved.modes is not None and b.fresh is not None
+            rows.update(queries=b.queries.cpu().numpy().astype(np.float32),
+                        modes=retrieved.modes.astype(np.int8), fresh=b.fresh)
         self.nbr_writer.add(**rows)
 
     @staticmethod
@@ -488,7 +575,7 @@ class KNNEvalRuntime:
         if self.writer is not None:
             counters["datastore entries"] = self.writer.size
         if self.retriever is not None:
-            counters["kNN searches"] = self.n_scored
+            counters["kNN searches"] = self.mode_counts["search"]
         self.progress.update(tokens, counters)
 
     # ---- end of run ----
@@ -497,7 +584,8 @@ class KNNEvalRuntime:
         entries = self._finish_dump()
         self._finish_neighbors()
         totals = {"tokens": float(self.n_scored), "lm": self.sum_logp["lm"],
-                  "final": self.sum_logp["final"], "entries": float(entries)}
+                  "final": self.sum_logp["final"], "entries": float(entries),
+                  **{f"mode_{m}": float(c) for m, c in self.mode_counts.items()}}
         distributed = _distributed()
         if distributed:  # every rank's files are finished once this returns
             totals = dict(zip(totals, _sum_over_ranks(list(totals.values()))))
@@ -531,12 +619,16 @@ class KNNEvalRuntime:
         t = self.task_cfg
         shard = ({"shard_id": self.shard_id, "num_shards": self.num_shards}
                  if self.num_shards > 1 else {})
+        pointers = ({"min_pointers": t.knn_min_pointers, "modes": dict(self.mode_counts),
+                     "clusters": t.knn_clusters} if self.policy is not None else None)
         self.nbr_writer.finish(
             subset=self.subset, dstore=str(self.retriever.ds.prefix),
             datastore=self.retriever.ds.meta.fingerprint(), probe=t.probe,
             sim_func=self.retriever.sim_func, temperature=t.knn_temp, lmbda=t.lmbda,
             cache_theta=t.cache_theta if self.cache else None,
-            cache_length=t.cache_length if self.cache else None, **shard)
+            cache_length=t.cache_length if self.cache else None, pointers=pointers,
+            index=str(t.indexfile) if t.indexfile else None,
+            torch_exact=bool(t.knn_torch_exact), **shard)
 
     def _write_manifests(self) -> None:
         """Tie the shards together once all have finished (the last one to finish does)."""
@@ -575,6 +667,11 @@ class KNNEvalRuntime:
                  f" (shard {self.shard_id} of {self.num_shards})" if self.num_shards > 1 else "")
         logger.info("kNN-LM%s: %d tokens; LM ppl %.4f -> final ppl %.4f", where, n,
                     ppl_from_nll(-totals["lm"] / n), ppl_from_nll(-totals["final"] / n))
+        if self.retriever is not None:
+            logger.info("%s%s", searches_line(int(totals["mode_search"]), n),
+                        f"; {int(totals['mode_pointers'])} from pointers"
+                        + (f", {int(totals['mode_skip'])} without kNN"
+                           if totals["mode_skip"] else "") if self.policy is not None else "")
 
     def abort(self) -> None:
         for w in (self.writer, self.nbr_writer):

@@ -8,6 +8,10 @@ Saved by ``fairseq-eval-lm ... --knnlm --knn-save-neighbors PREFIX`` (one row pe
     PREFIX_match.npy    uint8 (n, k)    neighbour's value == target
     PREFIX_l2_dists.npy float32 (n, k)  exact squared L2 (only when keys were loaded)
     PREFIX_cache_logp.npy float32 (n,)  log p_cache(target) (only with --knn-cache)
+    with --knn-pointers (what ``replay_pointers`` needs):
+    PREFIX_queries.npy  float32 (n, D)  the query (key of the scored position)
+    PREFIX_modes.npy    int8 (n,)       0 searched, 1 scored from pointers, 2 no kNN
+    PREFIX_fresh.npy    uint8 (n,)      1 where a stream started without pointers
     PREFIX_meta.json
 
 Columns are in FAISS's order (nearest first by FAISS's own, possibly quantized, distance;
@@ -39,10 +43,12 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
+import torch
 
 from .errors import FlagError, KNNLMError
-from .knn import KNN_LOGP_FLOOR
+from .knn import KNN_LOGP_FLOOR, recompute_distances
 from .memmaps import RowWriter, open_rows, write_json_atomic
+from .pointers import SEARCH, MinPointers, chains, count_modes, run_streams, stream_continues
 from .shards import ConcatRows, shard_prefix
 
 logger = logging.getLogger(__name__)
@@ -50,7 +56,7 @@ PathLike = Union[str, Path]
 DISTS = {"l2": "l2_dists", "faiss_l2": "faiss_dists"}  # --dists name -> saved array
 K_SELECTS = ("faiss", "exact-l2")
 # what each shard of a sharded pass must agree on for its rows to be one file
-SHARED_META = ("k", "arrays", "subset", "datastore", "probe")
+SHARED_META = ("k", "arrays", "subset", "datastore", "probe", "dim")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -65,8 +71,9 @@ def _p(prefix: PathLike, name: str) -> Path:
 class NeighborWriter:
     """Growable memmaps for the per-token retrieval results of one pass."""
 
-    def __init__(self, prefix: PathLike, k: int, with_l2: bool, with_cache: bool) -> None:
-        self.prefix, self.k = Path(prefix), k
+    def __init__(self, prefix: PathLike, k: int, with_l2: bool, with_cache: bool,
+                 query_dim: Optional[int] = None) -> None:
+        self.prefix, self.k, self.query_dim = Path(prefix), k, query_dim
         # the files being rewritten no longer describe a finished pass (a sharded pass's
         # manifest at this prefix included: this unsharded pass replaces it)
         for stale in (meta_path(prefix), manifest_path(prefix)):
@@ -82,6 +89,10 @@ class NeighborWriter:
             specs["l2_dists"] = (_p(prefix, "l2_dists"), np.float32, (k,))
         if with_cache:
             specs["cache_logp"] = (_p(prefix, "cache_logp"), np.float32, ())
+        if query_dim is not None:
+            specs["queries"] = (_p(prefix, "queries"), np.float32, (query_dim,))
+            specs["modes"] = (_p(prefix, "modes"), np.int8, ())
+            specs["fresh"] = (_p(prefix, "fresh"), np.uint8, ())
         self.rows = RowWriter(specs)
 
     def add(self, **rows: np.ndarray) -> None:
@@ -89,8 +100,10 @@ class NeighborWriter:
 
     def finish(self, **meta: Any) -> None:
         n = self.rows.finish()
+        dim = {"dim": self.query_dim} if self.query_dim is not None else {}
         write_json_atomic(f"{self.prefix}_meta.json",
-                          {"n": n, "k": self.k, "arrays": sorted(self.rows.specs), **meta})
+                          {"n": n, "k": self.k, "arrays": sorted(self.rows.specs), **dim,
+                           **meta})
 
     def abort(self) -> None:
         self.rows.abort()
@@ -106,9 +119,11 @@ class Neighbors:
         return int(self.meta["n"])
 
 
-_SPEC = {"targets": (np.int32, False), "lm_logp": (np.float32, False),
-         "ids": (np.int64, True), "faiss_dists": (np.float32, True), "match": (np.uint8, True),
-         "l2_dists": (np.float32, True), "cache_logp": (np.float32, False)}
+# name -> (dtype, row shape: "k" per neighbour, "dim" per key component, None a scalar)
+_SPEC = {"targets": (np.int32, None), "lm_logp": (np.float32, None),
+         "ids": (np.int64, "k"), "faiss_dists": (np.float32, "k"), "match": (np.uint8, "k"),
+         "l2_dists": (np.float32, "k"), "cache_logp": (np.float32, None),
+         "queries": (np.float32, "dim"), "modes": (np.int8, None), "fresh": (np.uint8, None)}
 
 
 def meta_path(prefix: PathLike) -> Path:
@@ -140,10 +155,14 @@ def _load_plain(prefix: PathLike) -> Neighbors:
     if unknown:
         raise NeighborsError(f"{meta_path(prefix)}: unknown arrays {unknown}")
     arrays = {}
+    widths = {"k": k, "dim": meta.get("dim")}
     for name in names:
-        dtype, per_k = _SPEC[name]
+        dtype, per = _SPEC[name]
+        if per is not None and widths[per] is None:
+            raise NeighborsError(f"{meta_path(prefix)}: lists {name} but has no {per}")
         try:
-            arrays[name] = open_rows(_p(prefix, name), dtype, (k,) if per_k else (), n)
+            arrays[name] = open_rows(_p(prefix, name), dtype,
+                                     (int(widths[per]),) if per else (), n)
         except (OSError, ValueError) as e:
             raise NeighborsError(str(e)) from e
     return Neighbors(meta=meta, arrays=arrays)
@@ -342,12 +361,28 @@ def check_sweep(nb: Neighbors, ks: Sequence[int], dists: Sequence[str] = ("l2",)
     bad = [k for k in ks if not 0 < k <= kmax]
     if bad or not ks:
         raise FlagError(f"--ks: values {bad or '(none)'} outside 1..{kmax} (the saved k)")
+    unsearched = unsearched_tokens(nb)
+    if unsearched and any(k != kmax for k in ks):
+        raise FlagError(f"--ks: {unsearched} tokens of this pass were scored from pointers, "
+                        f"which have no FAISS top-k': sweep only k={kmax}, or sweep a pass "
+                        f"that searched every token (--knn-min-pointers above --k)")
+    if unsearched and "faiss_l2" in dists and nb.meta.get("sim_func") != "faiss_l2":
+        raise FlagError(f"--dists faiss_l2: {unsearched} tokens of this pass were scored from "
+                        "pointers with exact distances, without FAISS's: use --dists l2")
     if any(not 0.0 <= x <= 1.0 for x in (*lambdas, *cache_lambdas)):
         raise FlagError("--lambdas and --cache-lambdas must lie in [0, 1]")
     if any(t <= 0 for t in temperatures):
         raise FlagError(f"--temps must be > 0, got {list(temperatures)}")
     if any(c > 0 for c in cache_lambdas) and "cache_logp" not in nb.arrays:
         raise FlagError("--cache-lambdas given but the pass was run without --knn-cache")
+
+
+def unsearched_tokens(nb: Neighbors) -> int:
+    """How many tokens of a pass with --knn-pointers were not searched (0 without)."""
+    if "modes" not in nb.arrays:
+        return 0
+    modes = np.asarray(nb.arrays["modes"][:])
+    return int((modes != SEARCH).sum())
 
 
 def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
@@ -394,3 +429,130 @@ def best(rows: list[dict[str, Any]], **fixed: Any) -> Optional[dict[str, Any]]:
     """The lowest-perplexity row whose fields equal ``fixed``."""
     cands = [r for r in rows if all(r[k] == v for k, v in fixed.items())]
     return min(cands, key=lambda r: r["ppl"]) if cands else None
+
+
+# ---- pointer replay (pointers.py): searches saved against perplexity, from one pass ----
+
+REPLAY_ARRAYS = ("queries", "modes", "fresh", "l2_dists")
+
+
+def check_replay(nb: Neighbors, thresholds: Sequence[int], lambdas: Sequence[float],
+                 temperatures: Sequence[float]) -> None:
+    """Every user-caused problem of a pointer replay, as a FlagError, before any work."""
+    missing = [a for a in REPLAY_ARRAYS if a not in nb.arrays]
+    if missing:
+        raise FlagError(f"--pointer-thresholds needs a pass saved with --knn-pointers and keys "
+                        f"(exact L2); this one lacks {', '.join(missing)}: rerun eval-lm with "
+                        f"--knn-pointers --knn-min-pointers {int(nb.meta['k']) + 1} "
+                        "--knn-save-neighbors PREFIX")
+    unsearched = unsearched_tokens(nb)
+    if unsearched:
+        raise FlagError(f"--pointer-thresholds replays a pass that searched every token; "
+                        f"this one scored {unsearched} tokens from pointers: save one with "
+                        f"--knn-min-pointers {int(nb.meta['k']) + 1} (above --k)")
+    if nb.meta.get("sim_func", "l2") != "l2":
+        raise FlagError(f"--pointer-thresholds replays exact L2 passes; this pass used "
+                        f"--knn-sim-func {nb.meta.get('sim_func')}")
+    if not thresholds or any(t < 0 for t in thresholds):
+        raise FlagError(f"--pointer-thresholds must be integers >= 0, got {list(thresholds)}")
+    if any(not 0.0 <= x <= 1.0 for x in lambdas) or not lambdas:
+        raise FlagError("--lambdas must lie in [0, 1]")
+    if any(t <= 0 for t in temperatures) or not temperatures:
+        raise FlagError(f"--temps must be > 0, got {list(temperatures)}")
+
+
+def replay_pieces(fresh: np.ndarray, budget: int
+                  ) -> list[tuple[int, int, np.ndarray, np.ndarray, bool]]:
+    """The saved tokens cut into pieces of at most ~``budget`` tokens for replay:
+    (lo, hi, stream starts relative to lo, stream lengths, continues the previous piece).
+    Whole streams (``pointers.chains``) are grouped; a stream longer than the budget is cut
+    into consecutive pieces, each continuing the last one's pointers."""
+    starts, lengths = chains(fresh)
+    pieces: list[tuple[int, int, np.ndarray, np.ndarray, bool]] = []
+    i, n = 0, len(starts)
+    while i < n:
+        if lengths[i] > budget:
+            s0, e0 = int(starts[i]), int(starts[i] + lengths[i])
+            for j, s in enumerate(range(s0, e0, budget)):
+                e = min(e0, s + budget)
+                pieces.append((s, e, np.array([0]), np.array([e - s]), j > 0))
+            i += 1
+            continue
+        j, total = i, 0
+        while j < n and lengths[j] <= budget and total + lengths[j] <= budget:
+            total += int(lengths[j])
+            j += 1
+        lo = int(starts[i])
+        pieces.append((lo, lo + total, starts[i:j] - lo, lengths[i:j], False))
+        i = j
+    return pieces
+
+
+def replay_pointers(nb: Neighbors, ds: Any, thresholds: Sequence[int],
+                    lambdas: Sequence[float], temperatures: Sequence[float],
+                    budget: int = 8192, clusters: Any = None) -> list[dict[str, Any]]:
+    """Replay --knn-pointers --knn-min-pointers N offline for every N in ``thresholds`` from
+    one full-search pass (``check_replay``) and its datastore ``ds`` (keys, values,
+    positions): at every token the live pointers decide, as online, whether the saved
+    search results or the pointers (exact L2 from the keys) are the neighbours; perplexity
+    for every (temperature, lambda). One row per (N, T, lambda) with the number and fraction
+    of searches; equal to the online runs (pointers.run_streams is the online code).
+    ``clusters`` (pointers.Clusters) replays --knn-clusters."""
+    check_replay(nb, thresholds, lambdas, temperatures)
+    if ds.keys is None:
+        raise FlagError("--pointer-thresholds needs the datastore's keys")
+    k, n = int(nb.meta["k"]), nb.n
+    continues = stream_continues(ds.pos)
+    vals = np.asarray(ds.vals[:, 0], dtype=np.int64)
+    fresh = np.asarray(nb.arrays["fresh"][:])
+    pieces = replay_pieces(fresh, budget)
+    lm_all = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
+    rows: list[dict[str, Any]] = []
+    for thr in thresholds:
+        policy = MinPointers(int(thr))
+        sums: dict[tuple[float, float], float] = {}
+        modes_all = np.zeros(n, dtype=np.int8)
+        carry: Optional[np.ndarray] = None
+        for lo, hi, starts, lengths, cont in pieces:
+            tg = np.asarray(nb.arrays["targets"][lo:hi], dtype=np.int64)
+            q = torch.from_numpy(np.asarray(nb.arrays["queries"][lo:hi], dtype=np.float32))
+            ids_s = np.asarray(nb.arrays["ids"][lo:hi])
+            fd_s = np.asarray(nb.arrays["faiss_dists"][lo:hi])
+            l2_s = np.asarray(nb.arrays["l2_dists"][lo:hi])
+
+            def search(idx: np.ndarray, ids_s: np.ndarray = ids_s, fd_s: np.ndarray = fd_s,
+                       l2_s: np.ndarray = l2_s) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+                ids = ids_s[idx]
+                d = np.where(ids >= 0, l2_s[idx], np.inf).astype(np.float32)
+                return ids, fd_s[idx], torch.from_numpy(d)
+
+            def distances(idx: np.ndarray, ids: np.ndarray, q: torch.Tensor = q
+                          ) -> torch.Tensor:
+                return recompute_distances(q[torch.from_numpy(idx)], ids, ds.keys, "l2")
+
+            init = [carry if cont else None] + [None] * (len(starts) - 1)
+            res = run_streams(starts, lengths, init, tg,
+                              lambda idx, q=q: q[torch.from_numpy(idx)], search, distances,
+                              vals, continues, k, policy,
+                              expand=clusters.expand if clusters is not None else None)
+            carry = res.final[-1] if len(res.final) else None
+            modes_all[lo:hi] = res.modes
+            valid = res.ids >= 0
+            match = valid & (vals[np.where(valid, res.ids, 0)] == tg[:, None])
+            d = res.dists.numpy()
+            for T in temperatures:
+                knn = knn_logp_for_ks(d, match, [k], T)[k]
+                for lam in lambdas:
+                    key = (T, lam)
+                    sums[key] = sums.get(key, 0.0) + float(mix(lm_all[lo:hi], knn, lam).sum())
+        counts = count_modes(modes_all)
+        logger.info("pointer replay, --knn-min-pointers %d: %d of %d tokens searched (%.1f%%)",
+                    thr, counts["search"], n, 100.0 * counts["search"] / max(1, n))
+        for (T, lam), v in sums.items():
+            rows.append({"min_pointers": int(thr), "searches": counts["search"],
+                         "pointer_tokens": counts["pointers"], "n_tokens": n,
+                         "search_fraction": counts["search"] / max(1, n), "k": k,
+                         "temperature": T, "lambda": lam, "dist": "l2",
+                         "clusters": clusters is not None,
+                         "loss": -v / n / math.log(2), "ppl": ppl_from_nll(-v / n)})
+    return rows

@@ -12,6 +12,17 @@ A sharded pass (PREFIX_manifest.json) is read as one file.
 
 Prints the best setting and a table; --json writes every row; --plot-dir writes PNGs of
 perplexity against lambda (paper Fig. 5) and against k (paper Fig. 4).
+
+Pointers (--knn-pointers): from one pass that searched every token and saved its queries,
+
+    fairseq-eval-lm ... --knnlm --k 1024 --knn-pointers --knn-min-pointers 1025 \
+        --knn-save-neighbors runs/wt2/nbrs/valid_full
+    knnlm-sweep runs/wt2/nbrs/valid_full --pointer-thresholds 1,2,4,8,16,32,64,128,1025 \
+        --lambdas 0.25 --temps 1 --json runs/wt2/pointers.json --plot-dir runs/wt2/plots
+
+replays --knn-min-pointers N for every N (the online code, offline: equal to the online run)
+and prints the fraction of tokens searched against perplexity; --plot-dir writes
+ppl_vs_searches.png.
 """
 
 from __future__ import annotations
@@ -24,7 +35,17 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from ..errors import FlagError, KNNLMError
-from ..sweep import DISTS, K_SELECTS, best, check_sweep, load_neighbors, sweep
+from ..sweep import (
+    DISTS,
+    K_SELECTS,
+    best,
+    check_replay,
+    check_sweep,
+    load_neighbors,
+    replay_pointers,
+    sweep,
+    unsearched_tokens,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -73,6 +94,15 @@ def get_parser() -> argparse.ArgumentParser:
                         "(the k' nearest by exact L2 among the saved ones)")
     p.add_argument("--cache-lambdas", type=floats, default=[0.0],
                    help="comma list of cache weights (needs a pass with --knn-cache)")
+    p.add_argument("--pointer-thresholds", type=ints, default=None,
+                   help="comma list of --knn-min-pointers values to replay from a pass saved "
+                        "with --knn-pointers that searched every token (see above): searches "
+                        "against perplexity at each --lambdas x --temps")
+    p.add_argument("--dstore", default=None,
+                   help="the datastore for --pointer-thresholds (default: the one the pass "
+                        "used, from its meta file)")
+    p.add_argument("--clusters", default=None,
+                   help="with --pointer-thresholds: replay --knn-clusters PREFIX")
     p.add_argument("--json", default=None, help="write all rows and the best ones here")
     p.add_argument("--plot-dir", default=None, help="write ppl_vs_lambda.png, ppl_vs_k.png")
     p.add_argument("--label", default="", help="title prefix for the plots")
@@ -156,7 +186,8 @@ def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     """All rows for the neighbours at args.neighbors; every flag checked before any work."""
     nb = load_neighbors(args.neighbors)
     kmax = int(nb.meta["k"])
-    ks = args.ks or [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax]
+    ks = args.ks or ([kmax] if unsearched_tokens(nb) else  # a pointer pass: its k only
+                     [1 << i for i in range(kmax.bit_length()) if (1 << i) <= kmax])
     check_sweep(nb, ks, args.dists, args.k_select, args.cache_lambdas, args.lambdas, args.temps)
     rows: list[dict[str, Any]] = []
     for dist in args.dists:
@@ -166,9 +197,79 @@ def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     return rows, nb.n
 
 
+def run_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
+    """Pointer replay rows (sweep.replay_pointers) for args.neighbors."""
+    from ..datastore import open_datastore
+
+    nb = load_neighbors(args.neighbors)
+    check_replay(nb, args.pointer_thresholds, args.lambdas, args.temps)
+    dstore = args.dstore or nb.meta.get("dstore")
+    if not dstore:
+        raise FlagError("--pointer-thresholds: the pass does not name its datastore: give "
+                        "--dstore PREFIX")
+    ds = open_datastore(dstore)
+    if "datastore" in nb.meta and ds.meta.fingerprint() != nb.meta["datastore"]:
+        raise FlagError(f"--dstore {dstore} is not the datastore the pass searched "
+                        "(its fingerprint differs)")
+    clusters = None
+    if args.clusters:
+        from ..pointers import load_clusters
+
+        clusters = load_clusters(args.clusters, ds, limit=2 * int(nb.meta["k"]))
+    return replay_pointers(nb, ds, args.pointer_thresholds, args.lambdas, args.temps,
+                           clusters=clusters), nb.n
+
+
+def plot_pointers(rows: list[dict[str, Any]], out_dir: Path, label: str = "") -> Path:
+    """Perplexity against the fraction of tokens searched, one line per (T, lambda)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for T, lam in sorted({(r["temperature"], r["lambda"]) for r in rows}):
+        pts = sorted((r["search_fraction"], r["ppl"], r["min_pointers"]) for r in rows
+                     if r["temperature"] == T and r["lambda"] == lam)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"λ {lam:g}, T {T:g}")
+        for x, y, thr in pts:
+            ax.annotate(str(thr), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    ax.set_xlim(0, 1.02)
+    return _save(fig, ax, "fraction of tokens searched (labels: --knn-min-pointers)",
+                 f"{label} pointers: perplexity vs searches", out_dir / "ppl_vs_searches.png")
+
+
+def replay_main(args: argparse.Namespace) -> int:
+    try:
+        rows, n_tokens = run_replay(args)
+    except (KNNLMError, OSError) as e:
+        print(f"knnlm-sweep: error: {e}", file=sys.stderr)
+        return 2
+    rows.sort(key=lambda r: (r["temperature"], r["lambda"], -r["min_pointers"]))
+    print(f"{n_tokens} tokens; pointer replay (k={rows[0]['k']}, exact L2)")
+    print(f"{'T':>6} {'lambda':>6} {'min-ptrs':>8} {'searches':>9} {'searched':>9} {'ppl':>9}")
+    for r in rows:
+        print(f"{r['temperature']:>6g} {r['lambda']:>6g} {r['min_pointers']:>8} "
+              f"{r['searches']:>9} {100 * r['search_fraction']:>8.1f}% {r['ppl']:>9.3f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"n_tokens": n_tokens, "rows": rows}, indent=1))
+    if args.plot_dir:
+        print(f"wrote {plot_pointers(rows, Path(args.plot_dir), args.label)}")
+    return 0
+
+
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    if args.pointer_thresholds is not None:
+        if not args.neighbors or args.from_json:
+            print("knnlm-sweep: error: --pointer-thresholds needs a neighbours prefix (not "
+                  "--from-json)", file=sys.stderr)
+            return 2
+        return replay_main(args)
     try:
         if args.from_json:
             old = json.loads(Path(args.from_json).read_text())

@@ -1,0 +1,398 @@
+"""Fewer kNN searches: RetoMaton-style pointers (Alon et al. 2022) behind one search policy.
+
+Design note
+-----------
+*Pointers.* Datastore rows are in corpus order: row i+1 holds the context that extends row
+i's context by row i's value, whenever ``ds.pos[i+1] == ds.pos[i] + 1`` (same stream of the
+dumped text; ``stream_continues``). So if row i was a neighbour at step t and its value is
+the token actually seen at t, row i+1 is a likely neighbour at step t+1. After every step
+the successors of the matching neighbours become the next step's *pointers*
+(``next_pointers``); a successor that starts another stream is dropped. The successor map
+is injective, so a step has at most as many pointers as neighbours (<= k), and never a
+duplicate. *Clusters* (``Clusters``, ``--knn-clusters``, RetoMaton sec. 3.2): each pointer
+stands for the members of its k-means cluster, so pointers survive a token whose exact
+successor did not match; the policy then counts these candidates (at most 2k).
+
+*Search policy (the seam shared with adaptive lambda, issue #15).* Before each step a policy
+turns the step's live-pointer counts (and queries) into one mode per token (``decide``):
+``SEARCH`` (FAISS, as plain kNN-LM), ``POINTERS`` (the pointers are the neighbours; their
+distances are computed exactly from the keys, or from the index's codes with FAISS
+distances) or ``SKIP`` (no kNN for this token: the runtime scores it with p_LM alone and the
+token leaves no pointers). ``MinPointers(N)`` is RetoMaton's rule: pointers when at least N
+are alive, else search; with N above the most pointers a step can have (k, or 2k with
+clusters) it always searches: the runtime then searches the batch in one call
+(``searches_every_token``) and equals plain kNN-LM bit for bit. A lambda model (#15) is
+another policy: it returns SKIP where it predicts lambda ~ 0 and wraps MinPointers for the
+rest (``runtime.KNNEvalRuntime.policy`` is where it plugs in). The runtime counts the modes
+and logs ``kNN-LM searches: S of N tokens (x%)`` at the end of the pass.
+
+*Streams.* Each row of an eval-lm batch is one block of consecutive text
+(``--sample-break-mode none``: the block after row r is row r+1, or row 0 of the next
+batch), fed behind ``--context-window`` positions that are not scored. ``run_streams``
+processes the scored tokens of all rows in lockstep (step t of every row at once), so a
+step's searches are one batched FAISS call. A row's first token takes the pointers left
+after the token before it in the text (its position - 1) only if that token was scored in an
+earlier batch (``CarriedPointers``: in practice the last row of the previous batch, so every
+block carries its pointers when a batch holds one block); otherwise the row starts with
+none: one forced search per block. Pointers never pass between positions that are not
+consecutive in the text, nor between rows of a batch.
+
+*Replay.* ``run_streams`` takes the search and the distances as functions, so the same code
+scores a pass offline (sweep.replay_pointers): a full-search pass saved with
+``--knn-pointers --knn-min-pointers K+1 --knn-save-neighbors PREFIX`` keeps, per token, the
+query, what FAISS returned and whether the token started a stream (``fresh``); any
+threshold then replays from those files and the datastore's keys, equal to its online run
+(searched steps read the saved FAISS results; FAISS may break near-ties a little differently
+for 16 queries than for 4,096, so on IVFPQ the two agree to the last digits, not bit for bit).
+
+*Cost* (WikiText-2 QUICK, 2 cores, benchmarks/pointer_curve.py): a pointer step measures a
+few dozen rows (hundreds with clusters) instead of searching and measuring k; stepping the
+batch token by token hands FAISS 16 queries per call instead of thousands (~25% more per
+query on IVFPQ) and costs ~40 us of bookkeeping per token; clusters' expansion is a Python
+loop per row (~170 us per token). Tokens with no surviving pointer (34% with clusters, 49%
+without, on that setup) are searched whatever the threshold.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional, Protocol, Sequence
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+# per-token modes (int8)
+SEARCH, POINTERS, SKIP = 0, 1, 2
+MODE_NAMES = {SEARCH: "search", POINTERS: "pointers", SKIP: "skip"}
+
+
+class SearchPolicy(Protocol):
+    """Decides, before a step, how each of its tokens finds its neighbours."""
+
+    def decide(self, n_pointers: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+        """(m,) int8 modes (SEARCH, POINTERS, SKIP) for m tokens with ``n_pointers`` live
+        pointers each and keys ``queries`` (m, D)."""
+        ...
+
+
+@dataclass(frozen=True)
+class MinPointers:
+    """RetoMaton's rule: use the pointers when at least ``n`` (and at least one) are alive,
+    else search. ``n`` > k never uses them (a step has at most k pointers)."""
+
+    n: int
+
+    def decide(self, n_pointers: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+        use = np.asarray(n_pointers) >= max(self.n, 1)
+        return np.where(use, POINTERS, SEARCH).astype(np.int8)
+
+    def searches_every_token(self, max_pointers: int) -> bool:
+        """Whether every token is searched whatever the pointers, when a step has at most
+        ``max_pointers`` (k, or the clusters' limit); the runtime then searches a batch in
+        one call, as without pointers (FAISS's results depend a little on how queries are
+        batched)."""
+        return self.n > max_pointers
+
+
+def stream_continues(pos: Any, chunk: int = 1 << 22) -> np.ndarray:
+    """(N,) bool: whether row i+1 continues row i's stream (pos[i+1] == pos[i] + 1); False
+    for the last row and around unknown positions (-1). Read in chunks (memmap or ConcatRows)."""
+    n = len(pos)
+    out = np.zeros(n, dtype=bool)
+    for s in range(0, max(n - 1, 0), chunk):
+        e = min(n, s + chunk + 1)
+        p = np.asarray(pos[s:e], dtype=np.int64)
+        out[s:e - 1] = (p[1:] == p[:-1] + 1) & (p[:-1] >= 0)
+    return out
+
+
+def successors(ids: np.ndarray, continues: np.ndarray) -> np.ndarray:
+    """ids + 1 where the id is a row (>= 0) whose next row continues its stream, else -1."""
+    ids = np.asarray(ids, dtype=np.int64)
+    ok = ids >= 0
+    ok &= continues[np.where(ok, ids, 0)]
+    return np.where(ok, ids + 1, -1)
+
+
+def next_pointers(ids: np.ndarray, nbr_vals: np.ndarray, targets: np.ndarray,
+                  continues: np.ndarray) -> np.ndarray:
+    """(m, w) pointers for the next step: the successors of the neighbours ``ids`` (m, w; -1
+    for none) whose value is the token observed now (``targets`` (m,)), else -1."""
+    match = (np.asarray(ids) >= 0) & (np.asarray(nbr_vals) == np.asarray(targets)[:, None])
+    return successors(np.where(match, ids, -1), continues)
+
+
+def compact(ptrs: np.ndarray) -> np.ndarray:
+    """(m, c) the rows' pointers moved to the front in their order, c = the largest count
+    (at least 1), -1 after them."""
+    ptrs = np.asarray(ptrs, dtype=np.int64)
+    counts = (ptrs >= 0).sum(axis=1)
+    width = max(1, int(counts.max())) if len(ptrs) else 1
+    order = np.argsort(ptrs < 0, axis=1, kind="stable")[:, :width]
+    return np.take_along_axis(ptrs, order, axis=1)
+
+
+def nearest_first(ids: np.ndarray, dists: torch.Tensor, k: int
+                  ) -> tuple[np.ndarray, torch.Tensor]:
+    """Each row's neighbours sorted by distance (inf, i.e. -1 slots, last; ties keep their
+    order), at most ``k`` kept."""
+    d, order = torch.sort(dists.float(), dim=1, stable=True)
+    ids_sorted = np.take_along_axis(np.asarray(ids), order.cpu().numpy(), axis=1)
+    return ids_sorted[:, :k], d[:, :k]
+
+
+# search(token indices (s,)) -> FAISS ids (s, k), FAISS distances (s, k), scoring dists (s, k)
+SearchFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, torch.Tensor]]
+# distances(token indices (u,), neighbour ids (u, c), -1 padded) -> scoring dists (u, c)
+DistFn = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+
+
+@dataclass
+class StreamResults:
+    """The neighbours of every token of a ``run_streams`` call (token order of its input)."""
+
+    ids: np.ndarray  # (n, k) int64 datastore rows, -1 padded
+    faiss_dists: np.ndarray  # (n, k) float32 FAISS's distances (inf where not searched)
+    dists: torch.Tensor  # (n, k) float32 distances for p_kNN, inf padded
+    modes: np.ndarray  # (n,) int8 SEARCH / POINTERS / SKIP
+    n_pointers: np.ndarray  # (n,) live pointers before each step
+    final: list[np.ndarray]  # per stream: the pointers after its last token
+
+
+def run_streams(starts: Sequence[int], lengths: Sequence[int],
+                init: Sequence[Optional[np.ndarray]], targets: np.ndarray,
+                queries: Callable[[np.ndarray], torch.Tensor], search: SearchFn,
+                distances: DistFn, vals: np.ndarray, continues: np.ndarray, k: int,
+                policy: SearchPolicy, timing: Optional[dict[str, float]] = None,
+                expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                ) -> StreamResults:
+    """Score streams of consecutive tokens with pointers, in lockstep.
+
+    Stream r is tokens ``starts[r] .. starts[r] + lengths[r] - 1`` of the n tokens (their
+    ``targets``), in text order, starting with the pointers ``init[r]`` (None or empty: a
+    fresh start). ``queries(idx)`` gives the keys of some tokens; ``search`` and
+    ``distances`` find and measure neighbours (see SearchFn, DistFn); ``vals`` (N,) are the
+    datastore's values and ``continues`` its ``stream_continues``. Each row's result depends
+    only on its own stream, so streams can be grouped any way. ``timing`` gets the seconds of
+    the pointer steps (distances, sort) and of the bookkeeping; ``search`` times itself.
+    ``expand`` (``Clusters.expand``) turns each step's pointers (u, c) into candidates
+    (u, c'), which the policy counts and a pointer step measures (the k nearest kept).
+    """
+    n = len(targets)
+    starts_a = np.asarray(starts, dtype=np.int64)
+    lengths_a = np.asarray(lengths, dtype=np.int64)
+    num = len(starts_a)
+    out_ids = np.full((n, k), -1, dtype=np.int64)
+    out_fd = np.full((n, k), np.inf, dtype=np.float32)
+    out_d = torch.full((n, k), float("inf"), dtype=torch.float32)
+    modes = np.zeros(n, dtype=np.int8)
+    n_ptr = np.zeros(n, dtype=np.int64)
+    ptrs = np.full((num, k), -1, dtype=np.int64)  # each stream's live pointers
+    for r, p in enumerate(init):
+        if p is not None and len(p):
+            p = np.asarray(p, dtype=np.int64)[:k]
+            ptrs[r, :len(p)] = p
+    tgt = np.asarray(targets, dtype=np.int64)
+    clock = time.perf_counter
+    t_ptr = t_book = 0.0
+    for t in range(int(lengths_a.max()) if num else 0):
+        t0 = clock()
+        rows = np.nonzero(lengths_a > t)[0]
+        idx = starts_a[rows] + t
+        cand = expand(compact(ptrs[rows])) if expand is not None else ptrs[rows]
+        counts = (cand >= 0).sum(axis=1)
+        m = policy.decide(counts, queries(idx))
+        modes[idx], n_ptr[idx] = m, counts
+        t1 = clock()
+        t_book += t1 - t0
+        on_ptrs = rows[m == POINTERS]
+        p = compact(cand[m == POINTERS]) if len(on_ptrs) else None
+        ptrs[rows[m == SKIP]] = -1  # no kNN: no pointers left
+        sel = np.nonzero(m == SEARCH)[0]
+        if len(sel):
+            ids, fd, d = search(idx[sel])
+            out_ids[idx[sel]], out_fd[idx[sel]] = ids, fd
+            out_d[idx[sel]] = d.float().cpu()
+            t2 = clock()  # the search function times itself
+            nv = np.where(ids >= 0, vals[np.where(ids >= 0, ids, 0)], -1)
+            ptrs[rows[sel]] = next_pointers(ids, nv, tgt[idx[sel]], continues)
+            t1 = clock()
+            t_book += t1 - t2
+        if p is not None:
+            sel = np.nonzero(m == POINTERS)[0]
+            d = distances(idx[sel], p)
+            p, d = nearest_first(p, d.float().cpu(), k)
+            w = p.shape[1]
+            out_ids[idx[sel], :w] = p
+            out_d[idx[sel], :w] = d
+            t2 = clock()
+            t_ptr += t2 - t1
+            nv = np.where(p >= 0, vals[np.where(p >= 0, p, 0)], -1)
+            ptrs[on_ptrs] = -1
+            ptrs[on_ptrs, :w] = next_pointers(p, nv, tgt[idx[sel]], continues)
+            t_book += clock() - t2
+    if timing is not None:
+        timing["pointer_distances"] = timing.get("pointer_distances", 0.0) + t_ptr
+        timing["pointer_bookkeeping"] = timing.get("pointer_bookkeeping", 0.0) + t_book
+    final = [ptrs[r][ptrs[r] >= 0] for r in range(num)]
+    return StreamResults(ids=out_ids, faiss_dists=out_fd, dists=out_d, modes=modes,
+                         n_pointers=n_ptr, final=final)
+
+
+class CarriedPointers:
+    """The pointers a batch leaves for the next one, keyed by the text position that comes
+    next: a row whose first scored token sits there continues that stream. Only the last
+    batch's are kept (a later batch never continues an older one)."""
+
+    def __init__(self) -> None:
+        self._next: dict[int, np.ndarray] = {}
+
+    def take(self, first_positions: np.ndarray) -> list[Optional[np.ndarray]]:
+        """Each row's starting pointers (None: fresh start), given its first position."""
+        return [self._next.get(int(p)) if p >= 0 else None for p in first_positions]
+
+    def keep(self, last_positions: np.ndarray, final: list[np.ndarray]) -> None:
+        self._next = {int(p) + 1: f for p, f in zip(last_positions, final) if p >= 0}
+
+
+class Clusters:
+    """RetoMaton's clustering of the datastore (Alon et al. 2022, sec. 3.2): k-means over the
+    keys, so that a pointer stands for its whole cluster and pointers survive a token whose
+    exact successor did not match. ``expand`` turns pointers into candidates: the pointers,
+    then the members of their clusters (each cluster's ``per_cluster`` rows nearest to its
+    centroid, first-seen cluster first), without duplicates, at most ``limit``.
+
+    Files (``build_clusters``): PREFIX_assign.npy int32 (N,) each row's cluster,
+    PREFIX_order.npy int64 (N,) the rows grouped by cluster, nearest to the centroid first,
+    PREFIX_meta.json (num_clusters and the datastore it was built from)."""
+
+    def __init__(self, assign: np.ndarray, order: np.ndarray, num_clusters: int,
+                 per_cluster: int = 128, limit: int = 2048) -> None:
+        self.assign = np.asarray(assign, dtype=np.int64)
+        self.order = np.asarray(order, dtype=np.int64)
+        self.bounds = np.searchsorted(self.assign[self.order], np.arange(num_clusters + 1))
+        self.per_cluster, self.limit = int(per_cluster), int(limit)
+
+    def members(self, cluster: int) -> np.ndarray:
+        lo = self.bounds[cluster]
+        return self.order[lo:min(self.bounds[cluster + 1], lo + self.per_cluster)]
+
+    def expand(self, ptrs: np.ndarray) -> np.ndarray:
+        """(u, c) pointers (-1 padded) -> (u, w) candidates, -1 padded."""
+        rows = []
+        for row in np.asarray(ptrs):
+            p = row[row >= 0]
+            if len(p):
+                cs = self.assign[p]
+                _, first = np.unique(cs, return_index=True)
+                cand = np.concatenate([p] + [self.members(c) for c in cs[np.sort(first)]])
+                _, first = np.unique(cand, return_index=True)
+                p = cand[np.sort(first)][:self.limit]
+            rows.append(p)
+        out = np.full((len(rows), max([1] + [len(r) for r in rows])), -1, dtype=np.int64)
+        for i, r in enumerate(rows):
+            out[i, :len(r)] = r
+        return out
+
+
+def count_modes(modes: np.ndarray) -> dict[str, int]:
+    """{'search': s, 'pointers': p, 'skip': q} of an int8 mode array."""
+    c = np.bincount(np.asarray(modes, dtype=np.int64), minlength=3)
+    return {name: int(c[m]) for m, name in MODE_NAMES.items()}
+
+
+def searches_line(searches: int, tokens: int) -> str:
+    """The end-of-pass line: 'kNN-LM searches: S of N tokens (x%)'."""
+    pct = 100.0 * searches / tokens if tokens else 0.0
+    return f"kNN-LM searches: {searches} of {tokens} tokens ({pct:.1f}%)"
+
+
+def chains(fresh: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(starts, lengths) of the runs of consecutive tokens that begin at each fresh token
+    (and at token 0): the streams of a saved pass in its row order."""
+    fresh = np.asarray(fresh).astype(bool).copy()
+    if len(fresh):
+        fresh[0] = True
+    starts = np.nonzero(fresh)[0].astype(np.int64)
+    lengths = np.diff(np.append(starts, len(fresh))).astype(np.int64)
+    return starts, lengths
+
+
+# ---- cluster files ----
+
+def _cluster_paths(prefix: Any) -> dict[str, Path]:
+    return {name: Path(f"{prefix}_{name}") for name in ("assign.npy", "order.npy", "meta.json")}
+
+
+def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, seed: int = 1,
+                   max_points_per_centroid: int = 64, chunk: int = 1 << 16) -> dict[str, Any]:
+    """k-means (FAISS) over a sample of the datastore's keys (``max_points_per_centroid``
+    per cluster), then every row assigned to its nearest centroid; writes the
+    ``Clusters`` files at ``prefix`` and returns their meta."""
+    import faiss
+
+    from .memmaps import write_json_atomic
+
+    n, d = ds.size, ds.dim
+    if not 1 <= num_clusters <= n:
+        raise ValueError(f"--num-clusters must be in 1..{n} (the datastore's rows), "
+                         f"got {num_clusters}")
+    rng = np.random.default_rng(seed)
+    m = min(n, num_clusters * max_points_per_centroid)
+    sample = np.sort(rng.choice(n, m, replace=False))
+    x = np.ascontiguousarray(ds.keys[sample], dtype=np.float32)
+    t0 = time.perf_counter()
+    km = faiss.Kmeans(d, num_clusters, niter=niter, seed=seed,
+                      max_points_per_centroid=max_points_per_centroid, verbose=False)
+    km.train(x)
+    t1 = time.perf_counter()
+    assign = np.empty(n, dtype=np.int32)
+    dist = np.empty(n, dtype=np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        dd, ii = km.index.search(np.ascontiguousarray(ds.keys[s:e], dtype=np.float32), 1)
+        assign[s:e], dist[s:e] = ii[:, 0], dd[:, 0]
+    order = np.lexsort((dist, assign)).astype(np.int64)  # by cluster, nearest first
+    paths = _cluster_paths(prefix)
+    paths["assign.npy"].parent.mkdir(parents=True, exist_ok=True)
+    np.save(paths["assign.npy"], assign)
+    np.save(paths["order.npy"], order)
+    sizes = np.bincount(assign, minlength=num_clusters)
+    meta = {"num_clusters": int(num_clusters), "size": int(n), "niter": niter, "seed": seed,
+            "train_points": int(m), "train_s": round(t1 - t0, 1),
+            "assign_s": round(time.perf_counter() - t1, 1),
+            "cluster_size": {"mean": float(sizes.mean()), "max": int(sizes.max()),
+                             "empty": int((sizes == 0).sum())},
+            "dstore": str(ds.prefix), "datastore": ds.meta.fingerprint()}
+    write_json_atomic(paths["meta.json"], meta)
+    logger.info("clusters %s: %d clusters of %d rows (mean %.1f, max %d), k-means %.1fs, "
+                "assignment %.1fs", prefix, num_clusters, n, sizes.mean(), sizes.max(),
+                t1 - t0, meta["assign_s"])
+    return meta
+
+
+def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 2048
+                  ) -> Clusters:
+    """The ``Clusters`` at ``prefix``, checked against the datastore ``ds`` (FlagError)."""
+    import json
+
+    from .errors import FlagError
+
+    paths = _cluster_paths(prefix)
+    missing = [str(p) for p in paths.values() if not p.exists()]
+    if missing:
+        raise FlagError(f"--knn-clusters {prefix}: {', '.join(missing)} not found (build them "
+                        "with python -m fairseq_knnlm.cli.clusters)")
+    meta = json.loads(paths["meta.json"].read_text())
+    if meta.get("datastore") != ds.meta.fingerprint():
+        raise FlagError(f"--knn-clusters {prefix} was built from another datastore than "
+                        f"{ds.prefix} (or before it was dumped again): rebuild it")
+    assign = np.load(paths["assign.npy"], mmap_mode="r")
+    order = np.load(paths["order.npy"], mmap_mode="r")
+    return Clusters(assign, order, int(meta["num_clusters"]), per_cluster=per_cluster,
+                    limit=limit)
