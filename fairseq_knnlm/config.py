@@ -81,9 +81,17 @@ class KNNLMOptions:
                 "from the keys, or from the index's codes with faiss_l2) when at least this "
                 "many are alive, else search; above --k it always searches (= plain kNN-LM)"})
     knn_clusters: Optional[str] = field(default=None, metadata={
-        "help": "with --knn-pointers: cluster files (python -m fairseq_knnlm.cli.clusters) "
+        "help": "with --knn-pointers: cluster files (knnlm-clusters) "
                 "so that each pointer stands for the members of its cluster (RetoMaton); "
                 "--knn-min-pointers then counts these candidates"})
+    # ---- adaptive lambda (Drozdov et al. 2022, He et al. 2021) ----
+    knn_lambda_model: Optional[str] = field(default=None, metadata={
+        "help": "a lambda per token from this model (knnlm-fit-lambda) instead of --lmbda; "
+                "--k, --knn-temp and --knn-sim-func must be those it was fitted for"})
+    knn_skip_below: float = field(default=0.0, metadata={
+        "help": "with --knn-lambda-model: no kNN search where the lambda the model predicts "
+                "before searching (its gate: LM entropy, max log-prob, context frequency) is "
+                "below this; the LM alone scores those tokens. 0 searches every token"})
     # ---- continuous cache (Grave et al. 2017) ----
     knn_cache: bool = field(default=False, metadata={
         "help": "interpolate a continuous cache over the recent history of the evaluated "

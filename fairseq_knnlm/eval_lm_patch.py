@@ -5,6 +5,7 @@
 the plugin rebinds two names of that module (and of ``__main__`` when it is run with
 ``python -m fairseq_cli.eval_lm``): ``SequenceScorer`` -> ``KNNSequenceScorer`` and
 ``main`` -> ``knnlm_main``, fairseq's main inside a kNN-LM run when any kNN-LM option is on.
+It also installs help_patch, so that ``fairseq-eval-lm --help`` lists the kNN-LM flags.
 
 ``knnlm_main`` is a plain function of this module on purpose: with several GPUs eval-lm
 starts its ranks with ``torch.multiprocessing.spawn``, which pickles ``main`` by its qualified
@@ -31,6 +32,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Optional, Sequence
 
+from . import help_patch
 from .errors import KNNLMError
 from .runtime import BatchObserver, KNNEvalRuntime, wants_runtime
 from .scorer import KNNSequenceScorer
@@ -161,6 +163,7 @@ def install() -> None:
         mod.main = knnlm_main
     if _running_eval_lm():
         install_excepthook()
+    help_patch.install()
 
 
 install()

@@ -169,8 +169,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
                 queries: Callable[[np.ndarray], torch.Tensor], search: SearchFn,
                 distances: DistFn, vals: np.ndarray, continues: np.ndarray, k: int,
                 policy: SearchPolicy, timing: Optional[dict[str, float]] = None,
-                expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
-                ) -> StreamResults:
+                expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                preset_skip: Optional[np.ndarray] = None) -> StreamResults:
     """Score streams of consecutive tokens with pointers, in lockstep.
 
     Stream r is tokens ``starts[r] .. starts[r] + lengths[r] - 1`` of the n tokens (their
@@ -182,6 +182,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     the pointer steps (distances, sort) and of the bookkeeping; ``search`` times itself.
     ``expand`` (``Clusters.expand``) turns each step's pointers (u, c) into candidates
     (u, c'), which the policy counts and a pointer step measures (the k nearest kept).
+    ``preset_skip`` (n,) bool marks tokens whose mode is SKIP whatever the policy says (a
+    lambda model's gate decided before the search, lambda_model.py).
     """
     n = len(targets)
     starts_a = np.asarray(starts, dtype=np.int64)
@@ -207,6 +209,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         cand = expand(compact(ptrs[rows])) if expand is not None else ptrs[rows]
         counts = (cand >= 0).sum(axis=1)
         m = policy.decide(counts, queries(idx))
+        if preset_skip is not None:
+            m = np.where(preset_skip[idx], SKIP, m).astype(np.int8)
         modes[idx], n_ptr[idx] = m, counts
         t1 = clock()
         t_book += t1 - t0
@@ -387,7 +391,7 @@ def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 204
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
         raise FlagError(f"--knn-clusters {prefix}: {', '.join(missing)} not found (build them "
-                        "with python -m fairseq_knnlm.cli.clusters)")
+                        "with knnlm-clusters)")
     meta = json.loads(paths["meta.json"].read_text())
     if meta.get("datastore") != ds.meta.fingerprint():
         raise FlagError(f"--knn-clusters {prefix} was built from another datastore than "

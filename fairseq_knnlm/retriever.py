@@ -24,7 +24,7 @@ from .datastore import Datastore, open_datastore
 from .errors import FlagError
 from .index import _faiss, check_index_matches, load_index, search
 from .knn import KNN_LOGP_FLOOR, knn_log_prob, normalize_sim_func, recompute_distances
-from .pointers import SKIP, SearchPolicy, StreamResults, run_streams, stream_continues
+from .pointers import SEARCH, SKIP, SearchPolicy, StreamResults, run_streams, stream_continues
 
 logger = logging.getLogger(__name__)
 
@@ -215,11 +215,33 @@ class KNNRetriever:
         r = self.retrieve(queries)
         return self._log_prob(r, targets, temperature), r
 
+    def score_subset(self, queries: torch.Tensor, targets: torch.Tensor, search: np.ndarray,
+                     temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
+        """``score`` for the tokens where ``search`` (n,) bool is set, in one call; the
+        others get no neighbours (-1 ids, inf distances), mode SKIP and ``KNN_LOGP_FLOOR``."""
+        n, dev = len(targets), queries.device
+        sel = np.nonzero(np.asarray(search, dtype=bool))[0]
+        ids = np.full((n, self.k), -1, dtype=np.int64)
+        fd = np.full((n, self.k), np.inf, dtype=np.float32)
+        d = torch.full((n, self.k), float("inf"), dtype=torch.float32)
+        if len(sel):
+            r = self.retrieve(queries[torch.from_numpy(sel).to(dev)])
+            ids[sel], fd[sel] = r.ids, r.faiss_dists
+            d[torch.from_numpy(sel)] = r.dists.float().cpu()
+        nbr_vals, valid = self.values(ids, dev)
+        modes = np.full(n, SKIP, dtype=np.int8)
+        modes[sel] = SEARCH
+        r = Retrieved(ids=ids, faiss_dists=fd, dists=d.to(dev), nbr_vals=nbr_vals, valid=valid,
+                      modes=modes, n_pointers=np.zeros(n, dtype=np.int64))
+        logp = self._log_prob(r, targets, temperature)
+        skip = torch.from_numpy(modes == SKIP).to(logp.device)
+        return logp.masked_fill(skip, KNN_LOGP_FLOOR), r
+
     def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                     starts: Sequence[int], lengths: Sequence[int],
                     init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
-                    expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
-                    ) -> StreamResults:
+                    expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                    preset_skip: Optional[np.ndarray] = None) -> StreamResults:
         """pointers.run_streams with this retriever's search and distances."""
         q = queries.detach().float()
 
@@ -234,17 +256,19 @@ class KNNRetriever:
         return run_streams(starts, lengths, init, targets.cpu().numpy(),
                            lambda idx: q[torch.from_numpy(idx)], search_fn, dist_fn,
                            self.vals.numpy(), self.continues, self.k, policy, self.timing,
-                           expand)
+                           expand, preset_skip)
 
     def score_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                       starts: Sequence[int], lengths: Sequence[int],
                       init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
                       temperature: Optional[float] = None,
-                      expand: Optional[Callable[[np.ndarray], np.ndarray]] = None
+                      expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                      preset_skip: Optional[np.ndarray] = None
                       ) -> tuple[torch.Tensor, Retrieved, list[np.ndarray]]:
         """log p_kNN(targets) with pointers (pointers.run_streams; ``KNN_LOGP_FLOOR`` for
         SKIP tokens), the neighbours used, and each stream's pointers after its last token."""
-        res = self.run_streams(queries, targets, starts, lengths, init, policy, expand)
+        res = self.run_streams(queries, targets, starts, lengths, init, policy, expand,
+                               preset_skip)
         dev = queries.device
         nbr_vals, valid = self.values(res.ids, dev)
         r = Retrieved(ids=res.ids, faiss_dists=res.faiss_dists, dists=res.dists.to(dev),

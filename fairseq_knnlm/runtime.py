@@ -40,6 +40,14 @@ from .errors import FlagError
 from .eval_progress import EvalProgress
 from .hooks import KeyCapture, find_decoder, parse_keytype, resolve_keytype
 from .knn import interpolate, normalize_sim_func, recompute_distances
+from .lambda_model import (
+    LambdaModel,
+    check_model_flags,
+    interpolate_per_token,
+    knn_features,
+    load_model,
+    pre_features,
+)
 from .pointers import (
     SKIP,
     CarriedPointers,
@@ -141,6 +149,17 @@ def check_flags(t: Any) -> None:
                  "--knn-save-neighbors saves what the kNN search retrieved: it needs --knnlm")
         _require(not t.knn_pointers, "--knn-pointers steers the kNN search: it needs --knnlm")
         _require(not t.knn_torch_exact, "--knn-torch-exact is a kNN search: it needs --knnlm")
+        _require(not t.knn_lambda_model,
+                 "--knn-lambda-model weighs the kNN distribution: it needs --knnlm")
+    _require(math.isfinite(t.knn_skip_below) and 0.0 <= t.knn_skip_below <= 1.0,
+             f"--knn-skip-below must be in [0, 1], got {t.knn_skip_below}")
+    _require(not (t.knn_skip_below > 0 and t.knn_save_neighbors),
+             "--knn-save-neighbors with --knn-skip-below would save no neighbours for the "
+             "skipped tokens: save a pass without --knn-skip-below and replay thresholds with "
+             "knnlm-sweep --lambda-model MODEL --skip-below ...")
+    _require(t.knn_skip_below == 0.0 or bool(t.knn_lambda_model),
+             "--knn-skip-below thresholds a lambda model's prediction: it needs "
+             "--knn-lambda-model MODEL")
     _require(not t.knn_clusters or (t.knnlm and t.knn_pointers),
              "--knn-clusters extends the pointers: it needs --knnlm --knn-pointers")
     if t.knn_cache:
@@ -220,6 +239,8 @@ class _Batch:
     targets: torch.Tensor  # (n,) int64 the tokens scored there
     skip: int  # leading positions of each hypothesis that eval-lm does not score (bos)
     fresh: Optional[np.ndarray] = None  # (n,) uint8, with pointers: 1 where a stream starts
+    prev_tokens: Optional[torch.Tensor] = None  # (n,) the input token at each scored position
+    lm_feats: Optional[torch.Tensor] = None  # (n, 2) LM entropy and max log-prob, if wanted
 
 
 @dataclass
@@ -274,6 +295,16 @@ class KNNEvalRuntime:
                 temperature=t.knn_temp, keys_in_memory=t.move_dstore_to_mem,
                 load_keys=not t.no_load_keys, gpu=t.knn_gpu, mmap_index=t.knn_mmap_index,
                 torch_exact=t.knn_torch_exact)
+        # a lambda per token (lambda_model.py), and the searches its gate skips
+        self.lambda_model: Optional[LambdaModel] = None
+        self.skip_below = float(t.knn_skip_below)
+        if self.knnlm and t.knn_lambda_model:
+            self.lambda_model = load_model(t.knn_lambda_model)
+            check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
+                              normalize_sim_func(t.knn_sim_func))
+            if self.skip_below > 0 and self.lambda_model.gate is None:
+                raise FlagError(f"--knn-skip-below: --knn-lambda-model {t.knn_lambda_model} "
+                                "has no gate (a head that predicts lambda before the search)")
         # the search policy (pointers.py): None searches every token in one call per batch
         self.policy: Optional[SearchPolicy] = None
         self.clusters: Optional[Clusters] = None
@@ -316,6 +347,10 @@ class KNNEvalRuntime:
         dictionary = task.target_dictionary
         self.dict_sha = dictionary_sha256(list(dictionary.symbols))
         self.dict_size = len(dictionary)
+        if self.lambda_model is not None:
+            t = self.task_cfg
+            check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
+                              normalize_sim_func(t.knn_sim_func), vocab_size=self.dict_size)
         self.model_sha = sha256_file(self.checkpoint) if Path(self.checkpoint).exists() else None
         if self.retriever is not None:
             self._check_datastore_matches_model()
@@ -344,6 +379,16 @@ class KNNEvalRuntime:
     @property
     def bound(self) -> bool:
         return self.capture is not None
+
+    @property
+    def wants_lm_features(self) -> bool:
+        """Whether the scorer must hand over the LM's entropy and max log-prob per token
+        (lambda_model.lm_features): saved with the neighbours, or read by a lambda model."""
+        if self.retriever is None:
+            return False
+        lam = self.lambda_model
+        return bool(self.task_cfg.knn_save_neighbors) or (lam is not None
+                                                         and lam.needs_lm_features)
 
     # ---- start of the pass (called from the task's eval_lm_dataloader) ----
     @property
@@ -389,7 +434,8 @@ class KNNEvalRuntime:
                                          with_l2=self.retriever.ds.keys is not None,
                                          with_cache=self.cache,
                                          query_dim=(self.retriever.ds.dim if self.policy
-                                                    else None))
+                                                    else None),
+                                         with_lm_features=True)
         self.nbr_prefix = prefix
 
     # ---- per batch (called from the scorer) ----
@@ -412,6 +458,8 @@ class KNNEvalRuntime:
         if not self.started:
             self.begin(None)
         b = self._collect(sample, hypos)
+        if self.wants_lm_features:
+            b.lm_feats = torch.cat([h[0]["lm_features"][b.skip:] for h in hypos]).float()
         if self.writer is not None:
             self._dump(sample, b)
         if self.knnlm or self.cache:
@@ -444,7 +492,10 @@ class KNNEvalRuntime:
                  for i, h in enumerate(hypos)]
         queries = torch.cat([feats[i, s:s + n] for i, s, n in spans]).float()
         targets = torch.cat([h[0]["tokens"][skip:] for h in hypos]).long()
-        return _Batch(feats=feats, spans=spans, queries=queries, targets=targets, skip=skip)
+        src = sample["net_input"]["src_tokens"]
+        prev = torch.cat([src[i, s:s + n] for i, s, n in spans]).long()
+        return _Batch(feats=feats, spans=spans, queries=queries, targets=targets, skip=skip,
+                      prev_tokens=prev)
 
     def _dump(self, sample: dict, b: _Batch) -> None:
         """Append the batch's (key, next token, stream position) rows to the datastore."""
@@ -464,20 +515,48 @@ class KNNEvalRuntime:
         retrieved; the LM's own log-probs (and None, None) when there is no datastore."""
         if self.retriever is None:
             return lm, None, None
+        x, skip = self._lambda_inputs(b)
         if self.policy is None:
-            knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
-            self.mode_counts["search"] += len(b.targets)
+            if skip is None:
+                knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+                self.mode_counts["search"] += len(b.targets)
+            else:
+                knn_lp, retrieved = self.retriever.score_subset(b.queries, b.targets, ~skip)
+                assert retrieved.modes is not None
+                for name, c in count_modes(retrieved.modes).items():
+                    self.mode_counts[name] += c
         else:
-            knn_lp, retrieved = self._score_streams(sample, b, self.policy)
+            knn_lp, retrieved = self._score_streams(sample, b, self.policy, skip)
         knn_lp = knn_lp.to(lm.device)
-        final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
+        if self.lambda_model is None:
+            final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
+        else:
+            assert x is not None
+            x.update(knn_features(retrieved.dists, self.task_cfg.knn_temp))
+            lam = self.lambda_model.lambdas(x, len(lm))
+            final = interpolate_per_token(lm, knn_lp, lam)
         if retrieved.modes is not None and (retrieved.modes == SKIP).any():
             skip = torch.from_numpy(retrieved.modes == SKIP).to(lm.device)
             final = torch.where(skip, lm.float(), final)  # no kNN for this token: p_LM
         return final, knn_lp, retrieved
 
-    def _score_streams(self, sample: dict, b: _Batch, policy: SearchPolicy
-                       ) -> tuple[torch.Tensor, Retrieved]:
+    def _lambda_inputs(self, b: _Batch
+                       ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[np.ndarray]]:
+        """The lambda model's features known before the search, and the tokens whose
+        search its gate skips (None: no lambda model, or no skipping)."""
+        if self.lambda_model is None:
+            return None, None
+        assert b.prev_tokens is not None
+        n = len(b.targets)
+        lmf = b.lm_feats if b.lm_feats is not None else torch.zeros(n, 2)
+        x = pre_features(lmf, b.prev_tokens, self.lambda_model.freq)
+        if self.skip_below <= 0:
+            return x, None
+        gate = self.lambda_model.gate_lambdas(x, n)
+        return x, (gate < self.skip_below).numpy()
+
+    def _score_streams(self, sample: dict, b: _Batch, policy: SearchPolicy,
+                       skip: Optional[np.ndarray] = None) -> tuple[torch.Tensor, Retrieved]:
         """p_kNN with pointers (pointers.py): every row of the batch is a stream, scored in
         lockstep; a row continues the pointers of the token before it in the text only if
         that token was scored in an earlier batch (CarriedPointers)."""
@@ -492,14 +571,18 @@ class KNNEvalRuntime:
         every = getattr(policy, "searches_every_token", None)
         most = self.clusters.limit if self.clusters is not None else self.retriever.k
         if every is not None and every(most):  # one call, as without pointers
-            knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
-            retrieved.modes = np.zeros(len(b.targets), dtype=np.int8)  # all SEARCH
+            if skip is None:
+                knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
+                retrieved.modes = np.zeros(len(b.targets), dtype=np.int8)  # all SEARCH
+            else:
+                knn_lp, retrieved = self.retriever.score_subset(b.queries, b.targets, ~skip)
             retrieved.n_pointers = np.zeros(len(b.targets), dtype=np.int64)
             final = [np.zeros(0, dtype=np.int64) for _ in lengths]  # the streams go on
         else:
             knn_lp, retrieved, final = self.retriever.score_streams(
                 b.queries, b.targets, starts, lengths, init, policy,
-                expand=self.clusters.expand if self.clusters is not None else None)
+                expand=self.clusters.expand if self.clusters is not None else None,
+                preset_skip=skip)
         self.carried.keep(last, final)
         fresh = np.zeros(len(b.targets), dtype=np.uint8)
         for s, n, p in zip(starts, lengths, init):
@@ -552,6 +635,10 @@ class KNNEvalRuntime:
             rows["l2_dists"] = l2.cpu().numpy()
         if cache_lp is not None:
             rows["cache_logp"] = cache_lp.cpu().numpy().astype(np.float32)
+        assert b.lm_feats is not None and b.prev_tokens is not None
+        lmf = b.lm_feats.cpu().numpy()
+        rows.update(lm_entropy=lmf[:, 0], lm_max_logp=lmf[:, 1],
+                    prev_tokens=b.prev_tokens.cpu().numpy().astype(np.int32))
         if self.nbr_writer.query_dim is not None:  # what a pointer replay needs
             assert retrieved.modes is not None and b.fresh is not None
             rows.update(queries=b.queries.cpu().numpy().astype(np.float32),
@@ -671,7 +758,9 @@ class KNNEvalRuntime:
             logger.info("%s%s", searches_line(int(totals["mode_search"]), n),
                         f"; {int(totals['mode_pointers'])} from pointers"
                         + (f", {int(totals['mode_skip'])} without kNN"
-                           if totals["mode_skip"] else "") if self.policy is not None else "")
+                           if totals["mode_skip"] else "") if self.policy is not None else
+                        f"; {int(totals['mode_skip'])} skipped by the lambda model"
+                        if self.skip_below > 0 else "")
 
     def abort(self) -> None:
         for w in (self.writer, self.nbr_writer):

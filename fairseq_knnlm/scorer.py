@@ -18,6 +18,7 @@ from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
 from .errors import FlagError
+from .lambda_model import lm_features
 from .runtime import active_runtime
 
 DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
@@ -30,12 +31,17 @@ class KNNSequenceScorer(SequenceScorer):
             return super().generate(models, sample, **kwargs)
         if len(models) != 1:
             raise FlagError("kNN-LM options do not support ensembles: one model only")
-        hypos = self._score_targets_only(models[0], sample)
+        hypos = self._score_targets_only(models[0], sample, rt.wants_lm_features)
         rt.process(sample, hypos)
         return hypos
 
     @torch.no_grad()
-    def _score_targets_only(self, model: torch.nn.Module, sample: dict) -> list:
+    def _score_targets_only(self, model: torch.nn.Module, sample: dict,
+                            with_features: bool = False) -> list:
+        """fairseq's hypotheses for the scored positions; ``with_features`` adds, per
+        hypothesis, ``lm_features`` (n, 2): the entropy and the max log-prob of p_LM there
+        (lambda_model.lm_features), read off the same distributions (an adaptive softmax
+        computes every cluster for them: given targets it fills only the targets' clusters)."""
         model.eval()
         decoder_out = model(**sample["net_input"])
         target = sample["target"]
@@ -46,12 +52,20 @@ class KNNSequenceScorer(SequenceScorer):
         tgt = target[mask]
         rows = self.softmax_batch if self.softmax_batch < 1 << 40 else DEFAULT_SOFTMAX_ROWS
         lp = feats.new_empty(tgt.shape, dtype=torch.float32)
+        lmf = feats.new_empty((len(tgt), 2), dtype=torch.float32) if with_features else None
+        adaptive = getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None
         for s in range(0, len(tgt), rows):
             e = min(len(tgt), s + rows)
             probs = model.get_normalized_probs(
                 (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
                 sample={"target": tgt[s:e].unsqueeze(0)})
             lp[s:e] = probs[0].gather(-1, tgt[s:e].unsqueeze(-1)).squeeze(-1).float()
+            if lmf is not None:
+                if adaptive:  # given targets, it fills only their clusters' log-probs
+                    probs = model.get_normalized_probs(
+                        (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
+                        sample=None)
+                lmf[s:e] = lm_features(probs[0])
         hypos, o = [], 0
         for i in range(bsz):
             ref = utils.strip_pad(target[i, starts[i]:], self.pad)
@@ -59,7 +73,10 @@ class KNNSequenceScorer(SequenceScorer):
             if int(mask[i].sum()) != n or (n and not bool(mask[i, starts[i]:starts[i] + n].all())):
                 raise RuntimeError("scored positions of a row are not one contiguous span")
             scores = lp[o:o + n]
+            hypo = {"tokens": ref, "score": scores.sum() / max(1, n), "attention": None,
+                    "alignment": None, "positional_scores": scores}
+            if lmf is not None:
+                hypo["lm_features"] = lmf[o:o + n]
             o += n
-            hypos.append([{"tokens": ref, "score": scores.sum() / max(1, n), "attention": None,
-                           "alignment": None, "positional_scores": scores}])
+            hypos.append([hypo])
         return hypos

@@ -8,6 +8,10 @@ Saved by ``fairseq-eval-lm ... --knnlm --knn-save-neighbors PREFIX`` (one row pe
     PREFIX_match.npy    uint8 (n, k)    neighbour's value == target
     PREFIX_l2_dists.npy float32 (n, k)  exact squared L2 (only when keys were loaded)
     PREFIX_cache_logp.npy float32 (n,)  log p_cache(target) (only with --knn-cache)
+    what the LM knew before any search (the features of a lambda model, lambda_model.py):
+    PREFIX_lm_entropy.npy float32 (n,)  entropy of p_LM(.|context), nats
+    PREFIX_lm_max_logp.npy float32 (n,) max_v log p_LM(v|context)
+    PREFIX_prev_tokens.npy int32 (n,)   the context's last token (the input at that position)
     with --knn-pointers (what ``replay_pointers`` needs):
     PREFIX_queries.npy  float32 (n, D)  the query (key of the scored position)
     PREFIX_modes.npy    int8 (n,)       0 searched, 1 scored from pointers, 2 no kNN
@@ -72,7 +76,7 @@ class NeighborWriter:
     """Growable memmaps for the per-token retrieval results of one pass."""
 
     def __init__(self, prefix: PathLike, k: int, with_l2: bool, with_cache: bool,
-                 query_dim: Optional[int] = None) -> None:
+                 query_dim: Optional[int] = None, with_lm_features: bool = False) -> None:
         self.prefix, self.k, self.query_dim = Path(prefix), k, query_dim
         # the files being rewritten no longer describe a finished pass (a sharded pass's
         # manifest at this prefix included: this unsharded pass replaces it)
@@ -89,6 +93,9 @@ class NeighborWriter:
             specs["l2_dists"] = (_p(prefix, "l2_dists"), np.float32, (k,))
         if with_cache:
             specs["cache_logp"] = (_p(prefix, "cache_logp"), np.float32, ())
+        if with_lm_features:
+            for name in LM_FEATURE_ARRAYS:
+                specs[name] = (_p(prefix, name), _SPEC[name][0], ())
         if query_dim is not None:
             specs["queries"] = (_p(prefix, "queries"), np.float32, (query_dim,))
             specs["modes"] = (_p(prefix, "modes"), np.int8, ())
@@ -123,7 +130,10 @@ class Neighbors:
 _SPEC = {"targets": (np.int32, None), "lm_logp": (np.float32, None),
          "ids": (np.int64, "k"), "faiss_dists": (np.float32, "k"), "match": (np.uint8, "k"),
          "l2_dists": (np.float32, "k"), "cache_logp": (np.float32, None),
-         "queries": (np.float32, "dim"), "modes": (np.int8, None), "fresh": (np.uint8, None)}
+         "queries": (np.float32, "dim"), "modes": (np.int8, None), "fresh": (np.uint8, None),
+         "lm_entropy": (np.float32, None), "lm_max_logp": (np.float32, None),
+         "prev_tokens": (np.int32, None)}
+LM_FEATURE_ARRAYS = ("lm_entropy", "lm_max_logp", "prev_tokens")
 
 
 def meta_path(prefix: PathLike) -> Path:

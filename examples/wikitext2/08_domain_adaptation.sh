@@ -31,5 +31,7 @@ knnlm-sweep "$SH_DIR/nbrs/valid" --lambdas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.65,0.7,0.
 read -r LAM TEMP KB < <(python -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b['lambda'], b['temperature'], b['k'])" "$RUN_DIR/sweep_shakespeare_valid.json")
 echo "tuned on shakespeare valid: lambda=$LAM T=$TEMP k=$KB"
 fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset test 2>&1 | tee "$LOG_DIR/shakespeare_base_test.log" | grep -E "Perplexity"
+# (its saved neighbours are what 13_adaptive_lambda.sh replays lambda models on)
 fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset test "${KNN[@]}" --k "$KB" --lmbda "$LAM" \
-  --knn-temp "$TEMP" 2>&1 | tee "$LOG_DIR/shakespeare_knn_test.log" | grep -E "Perplexity"
+  --knn-temp "$TEMP" --knn-save-neighbors "$SH_DIR/nbrs/test" 2>&1 \
+  | tee "$LOG_DIR/shakespeare_knn_test.log" | grep -E "Perplexity"

@@ -1,6 +1,6 @@
 """Cluster a datastore for pointers (RetoMaton, Alon et al. 2022): --knn-clusters.
 
-    python -m fairseq_knnlm.cli.clusters runs/wt2/dstore/train runs/wt2/dstore/train.c2k \
+    knnlm-clusters runs/wt2/dstore/train runs/wt2/dstore/train.c2k \
         --num-clusters 2000
 
 k-means (FAISS) over a sample of the keys, then every row assigned to its nearest centroid.

@@ -23,6 +23,14 @@ Pointers (--knn-pointers): from one pass that searched every token and saved its
 replays --knn-min-pointers N for every N (the online code, offline: equal to the online run)
 and prints the fraction of tokens searched against perplexity; --plot-dir writes
 ppl_vs_searches.png.
+
+Lambda models (knnlm-fit-lambda): from any pass that searched every token,
+
+    knnlm-sweep runs/wt2/nbrs/test --lambda-model lambda_mlp.npz --skip-below 0,0.1,0.2,0.3
+
+replays --knn-lambda-model MODEL --knn-skip-below tau for every tau (equal to the online
+runs) next to the best fixed lambda of --lambdas (give the one tuned on valid) at the model's
+k and temperature, and --plot-dir writes ppl_vs_searches_lambda_model.png.
 """
 
 from __future__ import annotations
@@ -103,6 +111,11 @@ def get_parser() -> argparse.ArgumentParser:
                         "used, from its meta file)")
     p.add_argument("--clusters", default=None,
                    help="with --pointer-thresholds: replay --knn-clusters PREFIX")
+    p.add_argument("--lambda-model", default=None,
+                   help="replay this knnlm-fit-lambda model (with --skip-below) instead of "
+                        "sweeping fixed lambdas")
+    p.add_argument("--skip-below", type=floats, default=[0.0],
+                   help="with --lambda-model: comma list of --knn-skip-below thresholds")
     p.add_argument("--json", default=None, help="write all rows and the best ones here")
     p.add_argument("--plot-dir", default=None, help="write ppl_vs_lambda.png, ppl_vs_k.png")
     p.add_argument("--label", default="", help="title prefix for the plots")
@@ -261,9 +274,80 @@ def replay_main(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
+    """Rows of --lambda-model replayed at each --skip-below, and the best fixed lambda of
+    --lambdas at the model's k, temperature and distance on the same tokens."""
+    from ..lambda_model import load_model
+    from ..lambda_replay import replay, token_inputs
+
+    model = load_model(args.lambda_model, flag="--lambda-model")
+    nb = load_neighbors(args.neighbors)
+    inp = token_inputs(nb, model.freq, model.k, model.temperature, model.dist)
+    rows = replay(inp, model, args.skip_below)
+    fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
+                  dist=model.dist)
+    given = [r for r in fixed if r["lambda"] in args.lambdas]
+    return {"n_tokens": nb.n, "lambda_model": str(args.lambda_model), "kind": model.kind,
+            "k": model.k, "temperature": model.temperature, "dist": model.dist,
+            "best_fixed": min(given, key=lambda r: r["ppl"]),
+            "base": best(fixed, **{"lambda": 0.0}), "rows": rows}
+
+
+def plot_lambda_model(res: dict[str, Any], out_dir: Path, label: str = "") -> Path:
+    """Perplexity against the fraction of tokens searched, labelled by tau, with the best
+    fixed lambda as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    pts = sorted((r["search_fraction"], r["ppl"], r["skip_below"]) for r in res["rows"])
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+            label=f"{res['kind']} λ model (labels: --knn-skip-below)")
+    for x, y, tau in pts:
+        ax.annotate(f"{tau:g}", (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
+    bf = res["best_fixed"]
+    ax.axhline(bf["ppl"], color="gray", ls="--",
+               label=f"fixed λ {bf['lambda']:g}: {bf['ppl']:.2f}")
+    ax.set_xlim(0, 1.02)
+    return _save(fig, ax, "fraction of tokens searched", f"{label} adaptive λ: perplexity vs "
+                 "searches", out_dir / "ppl_vs_searches_lambda_model.png")
+
+
+def lambda_main(args: argparse.Namespace) -> int:
+    try:
+        res = run_lambda_model(args)
+    except (KNNLMError, OSError) as e:
+        print(f"knnlm-sweep: error: {e}", file=sys.stderr)
+        return 2
+    bf, base = res["best_fixed"], res["base"]
+    print(f"{res['n_tokens']} tokens; k={res['k']}, T={res['temperature']:g}, {res['dist']}; "
+          + (f"LM ppl {base['ppl']:.3f}; " if base else "")
+          + f"best fixed lambda {bf['lambda']:g}: ppl {bf['ppl']:.3f}")
+    print(f"{'skip-below':>10} {'searches':>9} {'searched':>9} {'ppl':>9} {'vs fixed':>9}")
+    for r in res["rows"]:
+        print(f"{r['skip_below']:>10g} {r['searches']:>9} {100 * r['search_fraction']:>8.1f}% "
+              f"{r['ppl']:>9.3f} {100 * (r['ppl'] / bf['ppl'] - 1):>+8.2f}%")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
+    if args.plot_dir:
+        print(f"wrote {plot_lambda_model(res, Path(args.plot_dir), args.label)}")
+    return 0
+
+
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    if args.lambda_model is not None:
+        if not args.neighbors or args.from_json or args.pointer_thresholds is not None:
+            print("knnlm-sweep: error: --lambda-model needs a neighbours prefix (not "
+                  "--from-json or --pointer-thresholds)", file=sys.stderr)
+            return 2
+        return lambda_main(args)
     if args.pointer_thresholds is not None:
         if not args.neighbors or args.from_json:
             print("knnlm-sweep: error: --pointer-thresholds needs a neighbours prefix (not "

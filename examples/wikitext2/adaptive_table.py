@@ -1,0 +1,84 @@
+"""The adaptive-lambda table and plot of 13_adaptive_lambda.sh from its JSON files.
+
+For each setup (wikitext2, shakespeare) and lambda model (buckets, mlp), from
+``knnlm-sweep --lambda-model ... --json``: test perplexity of the LM, of the fixed lambda tuned
+on valid, of the model searching every token, and the fewest searches (largest
+--knn-skip-below) whose perplexity is no worse than the fixed lambda's.
+Run: python examples/wikitext2/adaptive_table.py runs/wikitext2/adaptive_lambda
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+SETUPS = {"wikitext2": "WikiText-2 test", "shakespeare": "tiny-shakespeare test"}
+KINDS = ("buckets", "mlp")
+
+
+def rows_of(out: Path) -> list[str]:
+    lines = ["| test split | model | k, T | LM ppl | fixed λ (valid-tuned) | λ model, all "
+             "searched | vs fixed | fewest searches at ≤ fixed ppl (τ) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, label in SETUPS.items():
+        for kind in KINDS:
+            f = out / f"{name}_{kind}_test.json"
+            if not f.exists():
+                continue
+            r = json.loads(f.read_text())
+            fixed, base = r["best_fixed"], r["base"]
+            allr = next(x for x in r["rows"] if x["skip_below"] == 0)
+            ok = [x for x in r["rows"] if x["ppl"] <= fixed["ppl"]]
+            few = min(ok, key=lambda x: x["searches"]) if ok else None
+            fewest = (f"{100 * few['search_fraction']:.1f}% ({few['ppl']:.2f}, τ "
+                      f"{few['skip_below']:g})" if few else "none")
+            lines.append(
+                f"| {label} | {kind} | {r['k']}, {r['temperature']:g} | {base['ppl']:.2f} | "
+                f"{fixed['ppl']:.2f} (λ {fixed['lambda']:g}) | {allr['ppl']:.2f} | "
+                f"{100 * (allr['ppl'] / fixed['ppl'] - 1):+.2f}% | {fewest} |")
+    return lines
+
+
+def plot(out: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [n for n in SETUPS if any((out / f"{n}_{k}_test.json").exists() for k in KINDS)]
+    fig, axes = plt.subplots(1, len(names), figsize=(5 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        fixed = None
+        for kind in KINDS:
+            f = out / f"{name}_{kind}_test.json"
+            if not f.exists():
+                continue
+            r = json.loads(f.read_text())
+            fixed = r["best_fixed"]
+            pts = sorted((x["search_fraction"], x["ppl"]) for x in r["rows"])
+            ax.plot(*zip(*pts), marker="o", label=f"{kind} λ model")
+        if fixed is not None:
+            ax.axhline(fixed["ppl"], color="gray", ls="--",
+                       label=f"fixed λ {fixed['lambda']:g} (valid-tuned)")
+        ax.set_xlabel("fraction of tokens searched (--knn-skip-below)")
+        ax.set_ylabel("test perplexity")
+        ax.set_title(f"{SETUPS[name]}: adaptive λ")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "adaptive_lambda.png"
+    fig.savefig(path, dpi=120)
+    return path
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    lines = rows_of(out)
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {out / 'table.md'} and {plot(out)}")
+
+
+if __name__ == "__main__":
+    main()

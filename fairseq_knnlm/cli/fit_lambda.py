@@ -1,0 +1,102 @@
+"""knnlm-fit-lambda: fit a per-token lambda model from neighbours saved on a tuning split.
+
+    fairseq-eval-lm ... --gen-subset valid --knnlm --k 1024 --knn-save-neighbors nbrs/valid
+    knnlm-fit-lambda nbrs/valid --out lambda_mlp.npz --kind mlp --temp 10
+    fairseq-eval-lm ... --gen-subset test --knnlm --k 1024 --knn-temp 10 \\
+        --knn-lambda-model lambda_mlp.npz --knn-skip-below 0.1
+    knnlm-sweep nbrs/test --lambda-model lambda_mlp.npz --skip-below 0,0.05,0.1,0.2
+
+Kinds (lambda_model.py): constant (the best fixed lambda), buckets (Drozdov et al. 2022: a
+lambda per quantile bucket of one feature, by default the nearest neighbour's distance: needs
+the search), mlp (He et al. 2021: a small MLP over --features, by default all of them). Every
+model also gets a gate, an MLP over the features known before the search (LM entropy, max
+log-prob, context frequency), that --knn-skip-below thresholds; a head that needs no search
+is its own gate.
+
+The rows are split in text order: 70% fit, 10% early stopping, 20% held out; the held-out
+perplexities (LM, best fixed lambda, the model, and the gate's searches against perplexity)
+are printed and stored in the model file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+from ..errors import KNNLMError
+from ..lambda_model import FEATURES, KINDS, POST_FEATURES, save_model
+from ..lambda_replay import datastore_freq, fit_model, token_inputs
+from ..sweep import load_neighbors
+
+logger = logging.getLogger(__name__)
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="knnlm-fit-lambda", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("neighbors", help="prefix given to --knn-save-neighbors (a tuning split)")
+    p.add_argument("--out", required=True, help="the model file to write (.npz)")
+    p.add_argument("--kind", choices=KINDS, default="mlp")
+    p.add_argument("--k", type=int, default=None,
+                   help="neighbours per token (default: the saved k); eval-lm's --k must match")
+    p.add_argument("--temp", type=float, default=1.0,
+                   help="kNN temperature (eval-lm's --knn-temp must match; use the tuned one)")
+    p.add_argument("--dist", choices=("l2", "faiss_l2"), default="l2",
+                   help="distance of p_kNN (eval-lm's --knn-sim-func must match)")
+    p.add_argument("--features", default=None,
+                   help=f"comma list for the head, from {', '.join(FEATURES)} (mlp: all; "
+                        "buckets: knn_min_dist)")
+    p.add_argument("--buckets", type=int, default=32, help="buckets for --kind buckets")
+    p.add_argument("--hidden", type=int, default=32, help="MLP hidden width")
+    p.add_argument("--steps", type=int, default=1500, help="MLP training steps (full batch)")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--no-gate", action="store_true",
+                   help="fit no gate (the model then cannot skip searches)")
+    p.add_argument("--dstore", default=None,
+                   help="datastore for the context frequencies (default: the pass's own)")
+    p.add_argument("--json", default=None, help="also write the report here")
+    return p
+
+
+def cli_main(argv: Optional[list[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    try:
+        nb = load_neighbors(args.neighbors)
+        k = args.k or int(nb.meta["k"])
+        features = [f for f in args.features.split(",") if f] if args.features else None
+        freq = datastore_freq(nb, args.dstore)
+        inp = token_inputs(nb, freq, k, args.temp, args.dist)
+        model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
+                                  buckets=args.buckets, gate=not args.no_gate,
+                                  hidden=args.hidden, steps=args.steps, seed=args.seed)
+    except (KNNLMError, OSError) as e:
+        print(f"knnlm-fit-lambda: error: {e}", file=sys.stderr)
+        return 2
+    model.info = {"fitted_on": str(args.neighbors), "subset": nb.meta.get("subset"),
+                  "datastore": nb.meta.get("datastore"), "report": report}
+    save_model(args.out, model)
+    held = report["held_out_ppl"]
+    uses = [f for f in model.head.features if f in POST_FEATURES]
+    print(f"{args.kind} lambda model ({', '.join(model.head.features) or 'constant'}"
+          f"{'; needs the search' if uses else ''}), k={k}, T={args.temp:g}, {args.dist}; "
+          f"held-out {report['rows']['held_out']} tokens:")
+    print(f"  LM ppl {held['lm']:.3f}; fixed lambda {report['fixed_lambda']:.3f}: "
+          f"{held['fixed_lambda']:.3f}; model: {held['model']:.3f} "
+          f"({100 * (held['model'] / held['fixed_lambda'] - 1):+.2f}%)")
+    for r in report.get("held_out_skips", []):
+        print(f"  gate: --knn-skip-below {r['skip_below']:<5g} searches "
+              f"{100 * r['search_fraction']:5.1f}%  ppl {r['ppl']:.3f}")
+    print(f"wrote {args.out}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli_main())

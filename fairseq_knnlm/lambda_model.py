@@ -1,0 +1,439 @@
+"""Adaptive kNN-LM: a per-token lambda, fitted offline, and no search where it cannot help.
+
+Design note
+-----------
+The paper mixes p = lambda p_kNN + (1 - lambda) p_LM with one lambda for every token. A
+*lambda model* predicts lambda per token from features of that token:
+
+* **before the search** (``PRE_FEATURES``, from the LM's own distribution and the text):
+  the entropy of p_LM and its largest log-probability (He et al. 2021, "Efficient Nearest
+  Neighbor Language Models"), and how often the context's last token occurs in the
+  datastore (a log count: rare contexts are where memorisation pays);
+* **after the search** (``POST_FEATURES``, from the neighbours' distances): the nearest
+  neighbour's distance (Drozdov et al. 2022, "You can't pick your neighbors, or can you?")
+  and the entropy of the neighbours' softmax weights.
+
+A model holds two *heads*: ``lambda_head`` gives the lambda of every searched token (any
+features: ``constant``, ``buckets`` over one feature, or an ``mlp``), and ``gate`` (an MLP on
+``PRE_FEATURES`` only, or the lambda head itself when that uses no search feature) predicts
+lambda before the search; ``--knn-skip-below tau`` skips the search where the gate's lambda is
+below tau, and the LM alone scores that token (the runtime's SKIP mode, pointers.py).
+
+Everything is fitted from a pass saved with ``--knn-save-neighbors`` on a tuning split
+(``knnlm-fit-lambda``): the saved rows give log p_LM, log p_kNN for the model's k,
+temperature and distance, and the features; a head is fitted to minimise the mixture's NLL
+-log(lambda p_kNN + (1 - lambda) p_LM), convex in lambda, so a bucket's lambda is a 1-D
+search and an MLP's output is sigmoid(z). Online (``fairseq-eval-lm --knn-lambda-model``)
+the same functions compute the same features from the same float32 numbers, so the offline
+replay (``knnlm-sweep --lambda-model``) equals the online pass.
+
+Model file (``save_model``): one ``.npz`` holding a JSON ``meta`` (kind, heads' features,
+k, temperature, distance, dictionary size, what it was fitted on and how well it did) and the
+arrays (the frequency table, each head's parameters). Plain numpy and torch: no fairseq.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .errors import FlagError
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+FORMAT = "fairseq-knnlm lambda model"
+VERSION = 1
+
+PRE_FEATURES = {
+    "lm_entropy": "entropy of p_LM(.|context) in nats",
+    "lm_max_logp": "max_v log p_LM(v|context)",
+    "prev_log_freq": "log(1 + count in the datastore's values of the context's last token)",
+}
+POST_FEATURES = {
+    "knn_min_dist": "the nearest neighbour's distance (the model's distance and k)",
+    "knn_weight_entropy": "entropy of the neighbours' softmax(-d/T) weights, nats",
+}
+FEATURES = {**PRE_FEATURES, **POST_FEATURES}
+KINDS = ("constant", "buckets", "mlp")
+
+
+# ---- features ----
+
+def lm_features(logp: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float32 [entropy, max log-prob] of n log-distributions (n, V)."""
+    lp = logp.float()
+    ent = torch.special.entr(lp.exp()).sum(-1)
+    return torch.stack([ent, lp.max(-1).values], dim=1)
+
+
+def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """(V,) float32 log(1 + count) of each token among the datastore's values."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in range(0, len(vals), chunk):
+        v = np.asarray(vals[s:s + chunk]).reshape(-1).astype(np.int64)
+        counts += np.bincount(v, minlength=vocab_size)[:vocab_size]
+    return np.log1p(counts).astype(np.float32)
+
+
+def knn_features(dists: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
+    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour). A row without
+    neighbours gets 0 for both (it is not searched, so no lambda is applied to it)."""
+    d = dists.float()
+    finite = torch.isfinite(d)
+    dmin = d.min(dim=1).values
+    logits = (-d / temperature).masked_fill(~finite, float("-inf"))
+    logw = torch.log_softmax(logits, dim=1)
+    ent = -(logw.exp() * logw.masked_fill(~finite, 0.0)).sum(1)
+    any_ = finite.any(dim=1)
+    return {"knn_min_dist": torch.where(any_, dmin, torch.zeros_like(dmin)),
+            "knn_weight_entropy": torch.where(any_, ent, torch.zeros_like(ent))}
+
+
+def pre_features(lm_feats: torch.Tensor, prev_tokens: torch.Tensor, freq: np.ndarray
+                 ) -> dict[str, torch.Tensor]:
+    """PRE_FEATURES from ``lm_features`` (n, 2) and the context's last tokens (n,)."""
+    table = torch.from_numpy(np.asarray(freq, dtype=np.float32))
+    prev = prev_tokens.long().cpu().clamp(0, len(table) - 1)
+    return {"lm_entropy": lm_feats[:, 0].float().cpu(),
+            "lm_max_logp": lm_feats[:, 1].float().cpu(),
+            "prev_log_freq": table[prev]}
+
+
+# ---- heads ----
+
+@dataclass
+class ConstantHead:
+    lmbda: float
+    features: tuple[str, ...] = ()
+
+    def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        # float64: interpolate_per_token takes the logs of this very lambda, as knn.interpolate
+        # does, so a constant model gives the numbers of --lmbda exactly
+        return torch.full((n,), float(self.lmbda), dtype=torch.float64)
+
+    def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"kind": "constant", "lambda": float(self.lmbda)}, {}
+
+
+@dataclass
+class BucketHead:
+    """lambda per bucket of one feature: bucket b holds edges[b-1] <= x < edges[b]."""
+
+    feature: str
+    edges: np.ndarray  # (B-1,) float32, increasing
+    lambdas: np.ndarray  # (B,) float32
+
+    @property
+    def features(self) -> tuple[str, ...]:
+        return (self.feature,)
+
+    def buckets(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.bucketize(x.float(), torch.from_numpy(self.edges), right=True)
+
+    def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        return torch.from_numpy(self.lambdas)[self.buckets(x[self.feature])]
+
+    def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return ({"kind": "buckets", "feature": self.feature},
+                {"edges": self.edges, "lambdas": self.lambdas})
+
+
+@dataclass
+class MLPHead:
+    """lambda = sigmoid(MLP((x - mean) / std)), ReLU hidden layers."""
+
+    features: tuple[str, ...]
+    mean: np.ndarray  # (F,)
+    std: np.ndarray  # (F,)
+    weights: list[np.ndarray] = field(default_factory=list)  # (out, in) per layer
+    biases: list[np.ndarray] = field(default_factory=list)
+
+    def logits(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = torch.stack([x[f].float() for f in self.features], dim=1)
+        h = (h - torch.from_numpy(self.mean)) / torch.from_numpy(self.std)
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            h = torch.nn.functional.linear(h, torch.from_numpy(w), torch.from_numpy(b))
+            if i < len(self.weights) - 1:
+                h = torch.relu(h)
+        return h[:, 0]
+
+    def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        return torch.sigmoid(self.logits(x))
+
+    def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        arrays = {"mean": self.mean, "std": self.std}
+        for i, (w, b) in enumerate(zip(self.weights, self.biases)):
+            arrays[f"w{i}"], arrays[f"b{i}"] = w, b
+        return {"kind": "mlp", "features": list(self.features),
+                "layers": len(self.weights)}, arrays
+
+
+Head = Union[ConstantHead, BucketHead, MLPHead]
+
+
+def uses_search(head: Head) -> bool:
+    return any(f in POST_FEATURES for f in head.features)
+
+
+@dataclass
+class LambdaModel:
+    kind: str
+    head: Head
+    gate: Optional[Head]  # PRE features only; None: no skipping possible
+    k: int
+    temperature: float
+    dist: str  # 'l2' (exact) or 'faiss_l2'
+    freq: np.ndarray  # (V,) float32 log(1 + count) of each token in the datastore
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def needs_lm_features(self) -> bool:
+        heads = [self.head] + ([self.gate] if self.gate is not None else [])
+        return any(f in ("lm_entropy", "lm_max_logp") for h in heads for f in h.features)
+
+    def lambdas(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """(n,) lambda of searched tokens: float32, or float64 for a constant head (its exact
+        value: interpolate_per_token then gives knn.interpolate's numbers)."""
+        return self.head.predict(x, n)
+
+    def gate_lambdas(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """(n,) float32 lambda predicted before the search (for --knn-skip-below)."""
+        if self.gate is None:
+            raise FlagError("this lambda model has no gate (no head without search features)")
+        return self.gate.predict(x, n).float()
+
+
+# ---- interpolation with a lambda per token ----
+
+def interpolate_per_token(lm_logp: torch.Tensor, knn_logp: torch.Tensor,
+                          lmbda: torch.Tensor) -> torch.Tensor:
+    """log(lambda_i p_kNN + (1 - lambda_i) p_LM) per token, in float32 (lambda 0: p_LM,
+    lambda 1: p_kNN exactly). The logs of lambda are taken in float64 and rounded to float32,
+    as knn.interpolate does with a scalar lambda, so a constant lambda gives its numbers."""
+    lam = lmbda.double().to(lm_logp.device)
+    lm, knn = lm_logp.float(), knn_logp.float()
+    with torch.no_grad():
+        log_l = torch.log(lam).float()
+        log_1l = torch.log1p(-lam).float()
+    out = torch.logaddexp(lm + log_1l, knn + log_l)
+    out = torch.where(lam == 0, lm, out)
+    return torch.where(lam == 1, knn, out)
+
+
+# ---- fitting (float64 numpy and float32 torch; no fairseq) ----
+
+def mixture_nll(lm: np.ndarray, knn: np.ndarray, lmbda: Union[float, np.ndarray]) -> np.ndarray:
+    """-log(lambda p_kNN + (1 - lambda) p_LM) per token (float64)."""
+    lam = np.asarray(lmbda, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return -np.logaddexp(np.asarray(lm, np.float64) + np.log1p(-lam),
+                             np.asarray(knn, np.float64) + np.log(lam))
+
+
+def best_constant(lm: np.ndarray, knn: np.ndarray, iters: int = 60) -> float:
+    """The lambda in [0, 1] minimising the mean mixture NLL (convex: ternary search)."""
+    if len(lm) == 0:
+        return 0.0
+    lo, hi = 0.0, 1.0
+    for _ in range(iters):
+        a, b = lo + (hi - lo) / 3, hi - (hi - lo) / 3
+        if mixture_nll(lm, knn, a).mean() <= mixture_nll(lm, knn, b).mean():
+            hi = b
+        else:
+            lo = a
+    lam = (lo + hi) / 2
+    # the ends are allowed: a bucket where kNN never helps gets exactly 0 (its tokens then
+    # cost no search when used as a gate)
+    cands = [0.0, lam, 1.0]
+    return float(min(cands, key=lambda x: mixture_nll(lm, knn, x).mean()))
+
+
+def fit_buckets(x: np.ndarray, lm: np.ndarray, knn: np.ndarray, feature: str,
+                num_buckets: int) -> BucketHead:
+    """Quantile buckets of ``x`` and each bucket's best lambda."""
+    if num_buckets < 1:
+        raise FlagError(f"--buckets must be >= 1, got {num_buckets}")
+    x = np.asarray(x, dtype=np.float32)
+    qs = np.quantile(x, np.linspace(0, 1, num_buckets + 1)[1:-1]) if num_buckets > 1 else []
+    edges = np.unique(np.asarray(qs, dtype=np.float32))
+    head = BucketHead(feature, edges, np.zeros(len(edges) + 1, dtype=np.float32))
+    b = head.buckets(torch.from_numpy(x)).numpy()
+    lams = np.array([best_constant(lm[b == i], knn[b == i]) for i in range(len(edges) + 1)],
+                    dtype=np.float32)
+    head.lambdas = lams
+    return head
+
+
+def _matrix(x: dict[str, np.ndarray], features: Sequence[str]) -> np.ndarray:
+    return np.stack([np.asarray(x[f], dtype=np.float32) for f in features], axis=1)
+
+
+def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarray,
+            x_val: dict[str, np.ndarray], lm_val: np.ndarray, knn_val: np.ndarray,
+            features: Sequence[str], hidden: int = 32, layers: int = 2, steps: int = 1500,
+            lr: float = 3e-3, weight_decay: float = 1e-4, init_lambda: float = 0.25,
+            seed: int = 1, eval_every: int = 25, patience: int = 300) -> MLPHead:
+    """An MLPHead fitted by full-batch Adam on the mixture NLL of the fit rows, keeping the
+    parameters with the lowest NLL on the validation rows (early stopping)."""
+    gen = torch.Generator().manual_seed(seed)
+    xf = torch.from_numpy(_matrix(x_fit, features))
+    xv = torch.from_numpy(_matrix(x_val, features))
+    mean = xf.mean(0)
+    std = xf.std(0).clamp_min(1e-6)
+    dims = [len(features)] + [hidden] * layers + [1]
+    net = []
+    for i in range(len(dims) - 1):
+        lin = torch.nn.Linear(dims[i], dims[i + 1])
+        with torch.no_grad():
+            bound = 1 / math.sqrt(dims[i])
+            lin.weight.uniform_(-bound, bound, generator=gen)
+            lin.bias.uniform_(-bound, bound, generator=gen)
+        net.append(lin)
+    with torch.no_grad():  # start near the fixed-lambda model
+        net[-1].weight.mul_(0.01)
+        net[-1].bias.fill_(math.log(init_lambda / (1 - init_lambda)))
+    params = [p for lin in net for p in lin.parameters()]
+    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    lm_f, knn_f = torch.from_numpy(np.asarray(lm_fit, np.float32)), \
+        torch.from_numpy(np.asarray(knn_fit, np.float32))
+    lm_v, knn_v = torch.from_numpy(np.asarray(lm_val, np.float32)), \
+        torch.from_numpy(np.asarray(knn_val, np.float32))
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        h = (x - mean) / std
+        for i, lin in enumerate(net):
+            h = lin(h)
+            if i < len(net) - 1:
+                h = torch.relu(h)
+        return h[:, 0]
+
+    def loss(z: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+        logsig = torch.nn.functional.logsigmoid
+        return -torch.logaddexp(lm + logsig(-z), knn + logsig(z)).mean()
+
+    best_val, best_state, since = math.inf, None, 0
+    for step in range(steps + 1):
+        if step % eval_every == 0:
+            with torch.no_grad():
+                v = float(loss(forward(xv), lm_v, knn_v)) if len(xv) else 0.0
+            if v < best_val - 1e-7:
+                best_val, since = v, 0
+                best_state = [p.detach().clone() for p in params]
+            else:
+                since += eval_every
+                if since >= patience:
+                    break
+        if step == steps:
+            break
+        opt.zero_grad()
+        loss(forward(xf), lm_f, knn_f).backward()
+        opt.step()
+    assert best_state is not None
+    ws = [best_state[2 * i].numpy().astype(np.float32) for i in range(len(net))]
+    bs = [best_state[2 * i + 1].numpy().astype(np.float32) for i in range(len(net))]
+    return MLPHead(tuple(features), mean.numpy().astype(np.float32),
+                   std.numpy().astype(np.float32), ws, bs)
+
+
+def head_nll(head: Head, x: dict[str, np.ndarray], lm: np.ndarray, knn: np.ndarray) -> float:
+    """Mean mixture NLL of a head's lambdas (as predicted online, in float32)."""
+    n = len(lm)
+    lam = head.predict({f: torch.from_numpy(np.asarray(x[f], np.float32))
+                        for f in head.features}, n).numpy()
+    return float(mixture_nll(lm, knn, lam.astype(np.float64)).mean()) if n else 0.0
+
+
+# ---- the model file ----
+
+def _head_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: PathLike) -> Head:
+    kind = meta.get("kind")
+    if kind == "constant":
+        return ConstantHead(float(meta["lambda"]))
+    if kind == "buckets":
+        return BucketHead(str(meta["feature"]), arrays["edges"].astype(np.float32),
+                          arrays["lambdas"].astype(np.float32))
+    if kind == "mlp":
+        n = int(meta["layers"])
+        return MLPHead(tuple(meta["features"]), arrays["mean"].astype(np.float32),
+                       arrays["std"].astype(np.float32),
+                       [arrays[f"w{i}"].astype(np.float32) for i in range(n)],
+                       [arrays[f"b{i}"].astype(np.float32) for i in range(n)])
+    raise FlagError(f"{path}: unknown head kind {kind!r}")
+
+
+def save_model(path: PathLike, model: LambdaModel) -> None:
+    """Write the model as one .npz (meta JSON + arrays), atomically."""
+    path = Path(path)
+    head_meta, head_arrays = model.head.params()
+    arrays: dict[str, np.ndarray] = {"freq": np.asarray(model.freq, np.float32)}
+    arrays.update({f"head.{k}": v for k, v in head_arrays.items()})
+    gate_meta = None
+    if model.gate is not None:
+        gate_meta, gate_arrays = model.gate.params()
+        arrays.update({f"gate.{k}": v for k, v in gate_arrays.items()})
+    meta = {"format": FORMAT, "version": VERSION, "kind": model.kind, "head": head_meta,
+            "gate": gate_meta, "k": model.k, "temperature": model.temperature,
+            "dist": model.dist, "vocab_size": int(len(model.freq)), **model.info}
+    arrays["meta"] = np.array(json.dumps(meta))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+    tmp.replace(path)
+
+
+def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
+    """A model written by ``save_model``; FlagError naming ``flag`` and the file otherwise."""
+    path = Path(path)
+    if not path.exists():
+        raise FlagError(f"{flag} {path}: file not found (fit one with knnlm-fit-lambda)")
+    try:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):
+            raise ValueError("a .npy array, not an .npz archive")
+        with z:
+            arrays = {k: z[k] for k in z.files}
+        meta = json.loads(str(arrays.pop("meta")))
+        if not isinstance(meta, dict):
+            raise ValueError("its meta is not a JSON object")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        raise FlagError(f"{flag} {path}: not a lambda model file ({e})") from None
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+        raise FlagError(f"{flag} {path}: not a lambda model file of version {VERSION} "
+                        f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    head = _head_from(meta["head"], {k[5:]: v for k, v in arrays.items()
+                                     if k.startswith("head.")}, path)
+    gate = (_head_from(meta["gate"], {k[5:]: v for k, v in arrays.items()
+                                      if k.startswith("gate.")}, path)
+            if meta.get("gate") else None)
+    info = {k: v for k, v in meta.items() if k not in (
+        "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size")}
+    return LambdaModel(kind=str(meta["kind"]), head=head, gate=gate, k=int(meta["k"]),
+                       temperature=float(meta["temperature"]), dist=str(meta["dist"]),
+                       freq=arrays["freq"].astype(np.float32), info=info)
+
+
+def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: float,
+                      sim_func: str, vocab_size: Optional[int] = None) -> None:
+    """The run's --k, --knn-temp and --knn-sim-func must be those the model was fitted for
+    (its lambdas are only right for that p_kNN)."""
+    diffs = []
+    if k != model.k:
+        diffs.append(f"--k {k} (fitted for {model.k})")
+    if not math.isclose(temperature, model.temperature, rel_tol=1e-9):
+        diffs.append(f"--knn-temp {temperature:g} (fitted for {model.temperature:g})")
+    if sim_func != model.dist:
+        diffs.append(f"--knn-sim-func {sim_func} (fitted for {model.dist})")
+    if vocab_size is not None and vocab_size != len(model.freq):
+        diffs.append(f"dictionary of {vocab_size} types (fitted for {len(model.freq)})")
+    if diffs:
+        raise FlagError(f"--knn-lambda-model {path} does not fit this run: "
+                        + "; ".join(diffs))

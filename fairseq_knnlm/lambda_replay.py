@@ -1,0 +1,225 @@
+"""Lambda models from saved neighbours: the per-token inputs of one pass, fitting, and the
+offline replay of ``--knn-lambda-model MODEL --knn-skip-below tau``.
+
+``token_inputs`` reads a pass saved with ``--knn-save-neighbors`` (sweep.py's files, with
+the LM features this version saves) into log p_LM, log p_kNN for the model's k, temperature
+and distance, and every feature of lambda_model.FEATURES, computed by the functions the
+online run uses. ``fit_model`` splits the rows in text order: the first 70% fit the heads,
+the next 10% stop the MLP's training early, the last 20% are held out and only reported.
+``replay`` scores a model and each threshold tau on a pass: the tokens whose gate lambda is
+below tau take p_LM alone (no search), the others the head's lambda; equal to the online
+pass (same features, same lambdas), up to float32 rounding of the mixture.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import FlagError
+from .lambda_model import (
+    FEATURES,
+    KINDS,
+    POST_FEATURES,
+    PRE_FEATURES,
+    ConstantHead,
+    Head,
+    LambdaModel,
+    best_constant,
+    fit_buckets,
+    fit_mlp,
+    freq_table,
+    head_nll,
+    knn_features,
+    mixture_nll,
+    uses_search,
+)
+from .sweep import (
+    DISTS,
+    LM_FEATURE_ARRAYS,
+    Neighbors,
+    knn_logp_for_ks,
+    missing_last,
+    ppl_from_nll,
+    selection_order,
+    unsearched_tokens,
+)
+
+logger = logging.getLogger(__name__)
+SPLITS = (0.7, 0.8)  # fit | early stopping | held out, as fractions of the rows in text order
+
+
+@dataclass
+class TokenInputs:
+    lm: np.ndarray  # (n,) float64 log p_LM(target)
+    knn: np.ndarray  # (n,) float64 log p_kNN(target) at the model's k, T, distance
+    x: dict[str, np.ndarray]  # feature name -> (n,) float32
+
+    def rows(self, lo: int, hi: int) -> TokenInputs:
+        return TokenInputs(self.lm[lo:hi], self.knn[lo:hi],
+                           {f: v[lo:hi] for f, v in self.x.items()})
+
+    def __len__(self) -> int:
+        return len(self.lm)
+
+
+def check_inputs(nb: Neighbors, k: int, temperature: float, dist: str) -> None:
+    """What a lambda model needs of a saved pass, as a FlagError naming the flag."""
+    missing = [a for a in LM_FEATURE_ARRAYS if a not in nb.arrays]
+    if missing:
+        raise FlagError(f"{nb.meta.get('prefix', 'the neighbour file')}: lacks "
+                        f"{', '.join(missing)} (saved by an older fairseq-knnlm): save the "
+                        "pass again with --knn-save-neighbors")
+    if dist not in DISTS:
+        raise FlagError(f"--dist must be one of {', '.join(DISTS)}, got {dist!r}")
+    if DISTS[dist] not in nb.arrays:
+        raise FlagError(f"--dist {dist}: the neighbour file has no {DISTS[dist]} "
+                        "(saved with --no-load-keys?)")
+    kmax = int(nb.meta["k"])
+    if not 0 < k <= kmax:
+        raise FlagError(f"--k {k} outside 1..{kmax} (the saved k)")
+    if unsearched_tokens(nb):
+        raise FlagError("lambda models are fitted on a pass that searched every token (saved "
+                        "without --knn-pointers, or with --knn-min-pointers above --k)")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise FlagError(f"--temp must be > 0, got {temperature}")
+
+
+def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
+                 dist: str = "l2", chunk: int = 32768) -> TokenInputs:
+    """Every token's log p_LM, log p_kNN and features (see the module docstring)."""
+    check_inputs(nb, k, temperature, dist)
+    n = nb.n
+    lm = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
+    knn = np.empty(n, dtype=np.float64)
+    x = {f: np.empty(n, dtype=np.float32) for f in FEATURES}
+    x["lm_entropy"][:] = np.asarray(nb.arrays["lm_entropy"], dtype=np.float32)
+    x["lm_max_logp"][:] = np.asarray(nb.arrays["lm_max_logp"], dtype=np.float32)
+    prev = np.clip(np.asarray(nb.arrays["prev_tokens"], dtype=np.int64), 0, len(freq) - 1)
+    x["prev_log_freq"][:] = np.asarray(freq, dtype=np.float32)[prev]
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        ids = np.asarray(nb.arrays["ids"][s:e])
+        valid = ids >= 0
+        d = np.where(valid, np.asarray(nb.arrays[DISTS[dist]][s:e], dtype=np.float32), np.inf)
+        match = np.asarray(nb.arrays["match"][s:e]).astype(bool) & valid
+        if not missing_last(valid):
+            order = selection_order(ids, None, "faiss")
+            d = np.take_along_axis(d, order, axis=1)
+            match = np.take_along_axis(match, order, axis=1)
+        d, match = d[:, :k], match[:, :k]
+        knn[s:e] = knn_logp_for_ks(d, match, [k], temperature)[k]
+        post = knn_features(torch.from_numpy(np.ascontiguousarray(d)), temperature)
+        for f in POST_FEATURES:
+            x[f][s:e] = post[f].numpy()
+    return TokenInputs(lm, knn, x)
+
+
+def datastore_freq(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
+    """lambda_model.freq_table of the datastore the pass searched (its meta names it)."""
+    from .datastore import DatastoreError, open_datastore
+
+    prefix = dstore or nb.meta.get("dstore")
+    if not prefix:
+        raise FlagError("the neighbour file does not name its datastore: pass --dstore PREFIX")
+    try:
+        ds = open_datastore(prefix, load_keys=False)
+    except DatastoreError as e:
+        raise FlagError(f"--dstore {prefix}: {e}") from None
+    vocab = int(ds.meta.dict_size or int(np.asarray(ds.vals[:, 0]).max()) + 1)
+    return freq_table(ds.vals[:, 0], vocab)
+
+
+def _ppl(nll: np.ndarray) -> float:
+    return ppl_from_nll(float(nll.mean())) if len(nll) else math.nan
+
+
+def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature: float,
+              dist: str, features: Optional[Sequence[str]] = None, buckets: int = 32,
+              gate: bool = True, hidden: int = 32, steps: int = 1500, seed: int = 1,
+              splits: tuple[float, float] = SPLITS) -> tuple[LambdaModel, dict[str, Any]]:
+    """Fit a lambda head of ``kind`` (and a gate on PRE_FEATURES) on the first rows; return
+    the model and a report of held-out perplexities (LM, the best fixed lambda of the fit
+    rows, the head, and where the gate skips)."""
+    if kind not in KINDS:
+        raise FlagError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    n = len(inp)
+    a, b = int(n * splits[0]), int(n * splits[1])
+    if a < 10 or b - a < 1 or n - b < 1:
+        raise FlagError(f"the neighbour file has {n} tokens: too few to fit and hold out")
+    fit, stop, held = inp.rows(0, a), inp.rows(a, b), inp.rows(b, n)
+    both = inp.rows(0, b)
+    fixed = best_constant(both.lm, both.knn)
+    head: Head
+    if kind == "constant":
+        head = ConstantHead(fixed)
+    elif kind == "buckets":
+        feat = (features or ["knn_min_dist"])
+        if len(feat) != 1 or feat[0] not in FEATURES:
+            raise FlagError(f"--features for buckets: one of {', '.join(FEATURES)}, got {feat}")
+        head = fit_buckets(both.x[feat[0]], both.lm, both.knn, feat[0], buckets)
+    else:
+        feat = list(features or FEATURES)
+        bad = [f for f in feat if f not in FEATURES]
+        if bad:
+            raise FlagError(f"--features: unknown {bad}; choose from {', '.join(FEATURES)}")
+        head = fit_mlp(fit.x, fit.lm, fit.knn, stop.x, stop.lm, stop.knn, feat, hidden=hidden,
+                       steps=steps, init_lambda=min(max(fixed, 0.01), 0.99), seed=seed)
+    gate_head: Optional[Head] = None
+    if not uses_search(head):
+        gate_head = head
+    elif gate:
+        gate_head = fit_mlp(fit.x, fit.lm, fit.knn, stop.x, stop.lm, stop.knn,
+                            list(PRE_FEATURES), hidden=hidden, steps=steps,
+                            init_lambda=min(max(fixed, 0.01), 0.99), seed=seed)
+    model = LambdaModel(kind=kind, head=head, gate=gate_head, k=k, temperature=temperature,
+                        dist=dist, freq=np.asarray(freq, np.float32))
+    report = {
+        "rows": {"fit": a, "early_stop": b - a, "held_out": n - b},
+        "fixed_lambda": fixed,
+        "held_out_ppl": {
+            "lm": _ppl(-held.lm),
+            "fixed_lambda": _ppl(mixture_nll(held.lm, held.knn, fixed)),
+            "model": ppl_from_nll(head_nll(head, held.x, held.lm, held.knn)),
+        },
+    }
+    if gate_head is not None:
+        report["held_out_skips"] = replay(held, model, default_taus())
+    return model, report
+
+
+def default_taus() -> list[float]:
+    return [0.0, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5]
+
+
+def _torch_x(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    return {f: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for f, v in x.items()}
+
+
+def replay(inp: TokenInputs, model: LambdaModel, taus: Sequence[float]
+           ) -> list[dict[str, Any]]:
+    """Perplexity and searches for each skip threshold tau (0: every token searched)."""
+    if any(not 0.0 <= t <= 1.0 for t in taus) or not taus:
+        raise FlagError(f"--skip-below values must lie in [0, 1], got {list(taus)}")
+    n = len(inp)
+    xt = _torch_x(inp.x)
+    lam = model.lambdas(xt, n).numpy().astype(np.float64)
+    searched_nll = mixture_nll(inp.lm, inp.knn, lam)
+    gate = model.gate_lambdas(xt, n).numpy() if model.gate is not None else None
+    rows = []
+    for tau in taus:
+        if tau > 0 and gate is None:
+            raise FlagError("--skip-below: the lambda model has no gate")
+        skip = gate < tau if tau > 0 and gate is not None else np.zeros(n, dtype=bool)
+        nll = np.where(skip, -inp.lm, searched_nll)
+        searches = int(n - skip.sum())
+        rows.append({"skip_below": float(tau), "searches": searches, "n_tokens": n,
+                     "search_fraction": searches / max(1, n),
+                     "loss": float(nll.mean()) / math.log(2) if n else math.nan,
+                     "ppl": _ppl(nll)})
+    return rows

@@ -1,0 +1,286 @@
+"""Adaptive lambda end to end (lambda_replay.py, cli/fit_lambda.py and the eval-lm wiring):
+the LM features the scorer saves, knnlm-fit-lambda on saved neighbours, --knn-lambda-model
+and --knn-skip-below online against the offline replay (knnlm-sweep --lambda-model), and
+the refusals.
+
+Run: python -m pytest -q tests/test_lambda_replay.py
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from conftest import BIN, eval_args, eval_lm_inprocess, run
+
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.lambda_model import (
+    ConstantHead,
+    LambdaModel,
+    lm_features,
+    load_model,
+    save_model,
+)
+
+K, T = "8", "2"
+
+
+def _knn(dstore, *extra: str) -> tuple[str, ...]:
+    return ("--knnlm", "--dstore-filename", str(dstore), "--indexfile", f"{dstore}.flat",
+            "--k", K, "--knn-temp", T, *extra)
+
+
+def _searches(caplog) -> tuple[int, int]:
+    lines = [r.getMessage() for r in caplog.records if "kNN-LM searches:" in r.getMessage()]
+    assert lines, "no searches line"
+    m = re.search(r"kNN-LM searches: (\d+) of (\d+) tokens", lines[-1])
+    assert m, lines[-1]
+    caplog.clear()
+    return int(m.group(1)), int(m.group(2))
+
+
+@pytest.fixture(scope="module")
+def saved(tiny, dstore, tmp_path_factory):
+    """Neighbours of full passes over valid and test (k 8), and an MLP model fitted on valid."""
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    d = tmp_path_factory.mktemp("lam")
+    for split in ("valid", "test"):
+        eval_lm_inprocess(eval_args(tiny, split, *_knn(dstore, "--lmbda", "0.3"),
+                                    "--knn-save-neighbors", str(d / split)))
+    model = d / "mlp.npz"
+    assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
+                     "--steps", "200", "--json", str(d / "mlp.json")]) == 0
+    return {"dir": d, "valid": d / "valid", "test": d / "test", "mlp": model}
+
+
+def _model_file(path, head, k=8, temperature=2.0, vocab=None, gate=None) -> str:
+    freq = np.zeros(vocab or 1, dtype=np.float32)
+    save_model(path, LambdaModel(kind="constant", head=head, gate=gate, k=k,
+                                 temperature=temperature, dist="l2", freq=freq))
+    return str(path)
+
+
+def _vocab(tiny) -> int:
+    from fairseq.data import Dictionary
+
+    return len(Dictionary.load(str(tiny["data"] / "dict.txt")))
+
+
+# ---- what the scorer saves ----
+
+def test_saved_lm_features_are_those_of_the_lm(saved):
+    from fairseq_knnlm.sweep import load_neighbors
+
+    nb = load_neighbors(saved["valid"])
+    a = {k: np.asarray(v) for k, v in nb.arrays.items()}
+    assert {"lm_entropy", "lm_max_logp", "prev_tokens"} <= set(a)
+    assert (a["lm_logp"] <= a["lm_max_logp"] + 1e-5).all()
+    assert (a["lm_entropy"] > 0).all() and (a["lm_max_logp"] < 0).all()
+    # the context's last token is the previous target within the text (one stream)
+    assert (a["prev_tokens"][1:] == a["targets"][:-1]).mean() > 0.95
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_scorer_features_equal_the_full_distribution(tiny, tmp_path, adaptive):
+    """The scorer's features equal entropy / max of the model's full distribution; with an
+    adaptive softmax, whose target-given log-probs fill only the targets' clusters, too."""
+    from fairseq import checkpoint_utils
+
+    from fairseq_knnlm.scorer import KNNSequenceScorer
+
+    ckpt = tiny["ckpt"]
+    if adaptive:
+        ckpt_dir = tmp_path / "ckpt"
+        run([str(BIN / "fairseq-train"), str(tiny["data"]), "--task", "language_modeling",
+             "--arch", "transformer_lm", "--decoder-layers", "1", "--decoder-embed-dim", "16",
+             "--decoder-ffn-embed-dim", "32", "--decoder-attention-heads", "2",
+             "--decoder-input-dim", "16", "--decoder-output-dim", "16",
+             "--adaptive-softmax-cutoff", "10,30", "--criterion", "adaptive_loss",
+             "--ddp-backend", "legacy_ddp", "--tokens-per-sample", "32",
+             "--sample-break-mode", "none", "--max-tokens", "512", "--optimizer", "adam",
+             "--lr", "0.005", "--max-update", "3", "--cpu", "--num-workers", "0",
+             "--save-dir", str(ckpt_dir), "--no-epoch-checkpoints", "--seed", "1"])
+        ckpt = ckpt_dir / "checkpoint_last.pt"
+    models, _, task = checkpoint_utils.load_model_ensemble_and_task(
+        [str(ckpt)], arg_overrides={"data": str(tiny["data"])})
+    m = models[0].eval()
+    assert (getattr(m.decoder, "adaptive_softmax", None) is not None) == adaptive
+    d = task.target_dictionary
+    g = torch.Generator().manual_seed(0)
+    src = torch.randint(4, len(d), (2, 12), generator=g)
+    tgt = torch.randint(4, len(d), (2, 12), generator=g)
+    sample = {"net_input": {"src_tokens": src, "src_lengths": torch.tensor([12, 12])},
+              "target": tgt, "start_indices": [0, 0]}
+    hypos = KNNSequenceScorer(d)._score_targets_only(m, sample, True)
+    with torch.no_grad():
+        full = m.get_normalized_probs(m(**sample["net_input"]), log_probs=True, sample=None)
+    full = full.reshape(-1, full.shape[-1])
+    got = torch.cat([h[0]["lm_features"] for h in hypos])
+    assert torch.allclose(got, lm_features(full), atol=1e-5)
+    lp = torch.cat([h[0]["positional_scores"] for h in hypos])
+    assert torch.allclose(lp, full.gather(1, tgt.reshape(-1, 1))[:, 0], atol=1e-5)
+
+
+# ---- online against fixed lambda and the replay ----
+
+def test_constant_model_equals_the_fixed_lambda_run(tiny, dstore, tmp_path):
+    model = _model_file(tmp_path / "c.npz", ConstantHead(0.3), vocab=_vocab(tiny))
+    fixed = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--lmbda", "0.3")))
+    lam = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--lmbda", "0.9",
+                                                          "--knn-lambda-model", model)))
+    assert lam["loss"] == fixed["loss"]  # bit for bit; --lmbda is ignored
+    other = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--lmbda", "0.9")))
+    assert other["loss"] != fixed["loss"]
+
+
+def test_skip_below_zero_searches_every_token(tiny, dstore, saved, caplog):
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    knn = _knn(dstore, "--knn-lambda-model", str(saved["mlp"]))
+    plain = eval_lm_inprocess(eval_args(tiny, "test", *knn))
+    s, n = _searches(caplog)
+    assert s == n > 0
+    zero = eval_lm_inprocess(eval_args(tiny, "test", *knn, "--knn-skip-below", "0"))
+    assert _searches(caplog) == (n, n) and zero["loss"] == plain["loss"]
+
+
+def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path):
+    """--knn-skip-below tau online = knnlm-sweep --lambda-model --skip-below tau offline:
+    same searches, same perplexity; the MLP model differs from the fixed lambda."""
+    from fairseq_knnlm.cli.sweep import cli_main
+    from fairseq_knnlm.lambda_replay import token_inputs
+    from fairseq_knnlm.sweep import load_neighbors
+
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    model = load_model(saved["mlp"])
+    inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature)
+    gate = model.gate_lambdas({f: torch.from_numpy(v) for f, v in inp.x.items()}, len(inp))
+    taus = [0.0] + [round(float(np.quantile(gate.numpy(), q)) + 1e-4, 6) for q in (0.3, 0.7)]
+    out = tmp_path / "replay.json"
+    assert cli_main([str(saved["test"]), "--lambda-model", str(saved["mlp"]), "--skip-below",
+                     ",".join(map(str, taus)), "--lambdas", "0.1,0.3,0.5", "--json", str(out),
+                     "--plot-dir", str(tmp_path / "plots")]) == 0
+    res = json.loads(out.read_text())
+    assert (tmp_path / "plots" / "ppl_vs_searches_lambda_model.png").exists()
+    rows = {r["skip_below"]: r for r in res["rows"]}
+    fracs = []
+    for tau in taus:
+        online = eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+            dstore, "--knn-lambda-model", str(saved["mlp"]), "--knn-skip-below", str(tau))))
+        s, n = _searches(caplog)
+        r = rows[tau]
+        assert (r["searches"], r["n_tokens"]) == (s, n), (tau, r)
+        assert r["ppl"] == pytest.approx(online["perplexity"], rel=1e-5), (tau, r)
+        fracs.append(s / n)
+    assert fracs[0] == 1.0 and 0 < fracs[2] < fracs[1] < 1.0
+    assert res["best_fixed"]["ppl"] != pytest.approx(rows[0.0]["ppl"], rel=1e-6)
+
+
+# ---- knnlm-fit-lambda ----
+
+@pytest.mark.parametrize("kind", ["constant", "buckets", "mlp"])
+def test_fit_lambda_writes_a_model_and_its_report(saved, tmp_path, capsys, kind):
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    out = tmp_path / f"{kind}.npz"
+    extra = ["--buckets", "4"] if kind == "buckets" else ["--steps", "100"]
+    assert cli_main([str(saved["valid"]), "--out", str(out), "--kind", kind, "--temp", T,
+                     *extra]) == 0
+    text = capsys.readouterr().out
+    assert "held-out" in text and f"wrote {out}" in text
+    m = load_model(out)
+    assert (m.kind, m.k, m.temperature, m.dist) == (kind, 8, 2.0, "l2")
+    assert m.gate is not None  # buckets need the search: a separate gate on LM features
+    assert ("needs the search" in text) == (kind != "constant")
+    rep = m.info["report"]
+    assert rep["rows"]["held_out"] > 0 and rep["held_out_ppl"]["model"] > 0
+
+
+def test_fit_lambda_refuses_bad_input(saved, tmp_path, capsys):
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    out = str(tmp_path / "m.npz")
+    for argv, msg in [
+        (["--k", "9"], "--k 9 outside 1..8"),
+        (["--temp", "0"], "--temp must be > 0"),
+        (["--kind", "mlp", "--features", "lm_entropy,nope"], "--features: unknown ['nope']"),
+        (["--kind", "buckets", "--buckets", "0"], "--buckets must be >= 1"),
+    ]:
+        assert cli_main([str(saved["valid"]), "--out", out, *argv]) == 2
+        assert msg in capsys.readouterr().err
+    assert cli_main([str(tmp_path / "none"), "--out", out]) == 2
+    assert "knnlm-fit-lambda: error:" in capsys.readouterr().err
+
+
+def test_fit_lambda_refuses_neighbours_without_lm_features(saved, tmp_path, capsys):
+    import shutil
+
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    old = tmp_path / "old"
+    for f in saved["dir"].glob("valid_*"):
+        shutil.copy(f, tmp_path / f.name.replace("valid_", "old_"))
+    meta = json.loads((tmp_path / "old_meta.json").read_text())
+    meta["arrays"] = [a for a in meta["arrays"] if a not in ("lm_entropy", "lm_max_logp",
+                                                             "prev_tokens")]
+    (tmp_path / "old_meta.json").write_text(json.dumps(meta))
+    assert cli_main([str(old), "--out", str(tmp_path / "m.npz")]) == 2
+    assert "lacks lm_entropy, lm_max_logp, prev_tokens" in capsys.readouterr().err
+
+
+# ---- refusals in eval-lm ----
+
+def test_eval_lm_refuses_a_model_fitted_for_other_settings(tiny, dstore, saved, tmp_path):
+    with pytest.raises(FlagError, match=r"--k 4 \(fitted for 8\); --knn-temp 1 \(fitted for 2\)"):
+        eval_lm_inprocess(eval_args(tiny, "test", "--knnlm", "--dstore-filename", str(dstore),
+                                    "--indexfile", f"{dstore}.flat", "--k", "4",
+                                    "--knn-lambda-model", str(saved["mlp"])))
+    bad_vocab = _model_file(tmp_path / "v.npz", ConstantHead(0.3), vocab=7)
+    with pytest.raises(FlagError, match=r"dictionary of \d+ types \(fitted for 7\)"):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--knn-lambda-model",
+                                                        bad_vocab)))
+    nogate = _model_file(tmp_path / "g.npz", ConstantHead(0.3), vocab=_vocab(tiny))
+    with pytest.raises(FlagError, match="has no gate"):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--knn-lambda-model", nogate,
+                                                        "--knn-skip-below", "0.1")))
+    with pytest.raises(FlagError, match="file not found"):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--knn-lambda-model",
+                                                        str(tmp_path / "none.npz"))))
+
+
+@pytest.mark.parametrize("flags,match", [
+    ({"knn_lambda_model": "m"}, "--knn-lambda-model weighs the kNN distribution: it needs "
+                                "--knnlm"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_skip_below": 0.1},
+     "--knn-skip-below thresholds a lambda model's prediction: it needs --knn-lambda-model"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_lambda_model": "m",
+      "knn_skip_below": 1.5}, "--knn-skip-below must be in [0, 1], got 1.5"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_lambda_model": "m",
+      "knn_skip_below": 0.1, "knn_save_neighbors": "p"},
+     "--knn-save-neighbors with --knn-skip-below"),
+])
+def test_lambda_flags_refused_with_the_flag_named(flags, match):
+    from dataclasses import replace
+
+    from fairseq_knnlm.config import KNNLMOptions
+    from fairseq_knnlm.runtime import check_flags
+
+    with pytest.raises(FlagError, match=re.escape(match)):
+        check_flags(replace(KNNLMOptions(), **flags))
+
+
+def test_console_script_errors_in_one_line(tiny, dstore, tmp_path):
+    """The real fairseq-eval-lm: a lambda model fitted for another k is one line, no
+    traceback, exit 1 or 2."""
+    model = _model_file(tmp_path / "c.npz", ConstantHead(0.3), k=4, vocab=_vocab(tiny))
+    p = subprocess.run([str(BIN / "fairseq-eval-lm"), *eval_args(tiny, "test", *_knn(
+        dstore, "--knn-lambda-model", model))], capture_output=True, text=True)
+    assert p.returncode != 0
+    assert "--k 8 (fitted for 4)" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+    assert sys.executable  # the venv's scripts are used (BIN)
