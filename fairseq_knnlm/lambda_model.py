@@ -60,6 +60,7 @@ PRE_FEATURES = {
 POST_FEATURES = {
     "knn_min_dist": "the nearest neighbour's distance (the model's distance and k)",
     "knn_weight_entropy": "entropy of the neighbours' softmax(-d/T) weights, nats",
+    "knn_top_mass": "max_v p_kNN(v): the weight of the neighbours' most common value",
 }
 FEATURES = {**PRE_FEATURES, **POST_FEATURES}
 KINDS = ("constant", "buckets", "mlp")
@@ -83,9 +84,24 @@ def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.nd
     return np.log1p(counts).astype(np.float32)
 
 
-def knn_features(dists: torch.Tensor, temperature: float) -> dict[str, torch.Tensor]:
-    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour). A row without
-    neighbours gets 0 for both (it is not searched, so no lambda is applied to it)."""
+def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(n,) max over values v of the summed weights of a row's neighbours whose value is v
+    (weights (n, k), 0 where no neighbour; values (n, k) int)."""
+    vs, order = values.sort(dim=1)
+    ws = weights.gather(1, order)
+    c = ws.cumsum(1)
+    start = torch.ones_like(vs, dtype=torch.bool)
+    start[:, 1:] = vs[:, 1:] != vs[:, :-1]
+    # the cumulative weight before each run of equal values, carried along the run
+    base = torch.where(start, c - ws, torch.zeros_like(c)).cummax(dim=1).values
+    return (c - base).max(dim=1).values if vs.shape[1] else torch.zeros(len(vs))
+
+
+def knn_features(dists: torch.Tensor, temperature: float,
+                 values: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour) and the neighbours'
+    values (n, k) (knn_top_mass; 0 without them). A row without neighbours gets 0 for all
+    (it is not searched, so no lambda is applied to it)."""
     d = dists.float()
     finite = torch.isfinite(d)
     dmin = d.min(dim=1).values
@@ -93,8 +109,12 @@ def knn_features(dists: torch.Tensor, temperature: float) -> dict[str, torch.Ten
     logw = torch.log_softmax(logits, dim=1)
     ent = -(logw.exp() * logw.masked_fill(~finite, 0.0)).sum(1)
     any_ = finite.any(dim=1)
-    return {"knn_min_dist": torch.where(any_, dmin, torch.zeros_like(dmin)),
-            "knn_weight_entropy": torch.where(any_, ent, torch.zeros_like(ent))}
+    zero = torch.zeros_like(dmin)
+    top = (top_value_mass(logw.exp().masked_fill(~finite, 0.0), values.to(d.device))
+           if values is not None else zero)
+    return {"knn_min_dist": torch.where(any_, dmin, zero),
+            "knn_weight_entropy": torch.where(any_, ent, zero),
+            "knn_top_mass": torch.where(any_, top, zero)}
 
 
 def pre_features(lm_feats: torch.Tensor, prev_tokens: torch.Tensor, freq: np.ndarray

@@ -91,9 +91,13 @@ def check_inputs(nb: Neighbors, k: int, temperature: float, dist: str) -> None:
 
 
 def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
-                 dist: str = "l2", chunk: int = 32768) -> TokenInputs:
-    """Every token's log p_LM, log p_kNN and features (see the module docstring)."""
+                 dist: str = "l2", vals: Optional[np.ndarray] = None, chunk: int = 32768
+                 ) -> TokenInputs:
+    """Every token's log p_LM, log p_kNN and features (see the module docstring); ``vals``
+    (N,) the datastore's values (default: read from the datastore the pass names)."""
     check_inputs(nb, k, temperature, dist)
+    if vals is None:
+        vals = datastore_vals(nb)
     n = nb.n
     lm = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
     knn = np.empty(n, dtype=np.float64)
@@ -112,16 +116,20 @@ def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
             order = selection_order(ids, None, "faiss")
             d = np.take_along_axis(d, order, axis=1)
             match = np.take_along_axis(match, order, axis=1)
+        else:
+            order = None
         d, match = d[:, :k], match[:, :k]
+        kept = (np.take_along_axis(ids, order, axis=1) if order is not None else ids)[:, :k]
+        nv = np.where(kept >= 0, vals[np.where(kept >= 0, kept, 0)], -1)
         knn[s:e] = knn_logp_for_ks(d, match, [k], temperature)[k]
-        post = knn_features(torch.from_numpy(np.ascontiguousarray(d)), temperature)
+        post = knn_features(torch.from_numpy(np.ascontiguousarray(d)), temperature,
+                            torch.from_numpy(nv.astype(np.int64)))
         for f in POST_FEATURES:
             x[f][s:e] = post[f].numpy()
     return TokenInputs(lm, knn, x)
 
 
-def datastore_freq(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
-    """lambda_model.freq_table of the datastore the pass searched (its meta names it)."""
+def _open_dstore(nb: Neighbors, dstore: Optional[str]) -> Any:
     from .datastore import DatastoreError, open_datastore
 
     prefix = dstore or nb.meta.get("dstore")
@@ -131,6 +139,20 @@ def datastore_freq(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
         ds = open_datastore(prefix, load_keys=False)
     except DatastoreError as e:
         raise FlagError(f"--dstore {prefix}: {e}") from None
+    if "datastore" in nb.meta and ds.meta.fingerprint() != nb.meta["datastore"]:
+        raise FlagError(f"--dstore {prefix} is not the datastore the pass searched (its "
+                        "fingerprint differs)")
+    return ds
+
+
+def datastore_vals(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
+    """(N,) int64 values of the datastore the pass searched (its meta names it)."""
+    return np.asarray(_open_dstore(nb, dstore).vals[:, 0], dtype=np.int64)
+
+
+def datastore_freq(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
+    """lambda_model.freq_table of the datastore the pass searched."""
+    ds = _open_dstore(nb, dstore)
     vocab = int(ds.meta.dict_size or int(np.asarray(ds.vals[:, 0]).max()) + 1)
     return freq_table(ds.vals[:, 0], vocab)
 

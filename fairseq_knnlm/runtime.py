@@ -532,7 +532,7 @@ class KNNEvalRuntime:
             final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
         else:
             assert x is not None
-            x.update(knn_features(retrieved.dists, self.task_cfg.knn_temp))
+            x.update(knn_features(retrieved.dists, self.task_cfg.knn_temp, retrieved.nbr_vals))
             lam = self.lambda_model.lambdas(x, len(lm))
             final = interpolate_per_token(lm, knn_lp, lam)
         if retrieved.modes is not None and (retrieved.modes == SKIP).any():

@@ -41,6 +41,16 @@ def run(cmd: list[str], cwd: Path | None = None) -> str:
     return p.stdout
 
 
+def searches_logged(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(S, N) of the last 'kNN-LM searches: S of N tokens (x%)' line logged; clears the log."""
+    lines = [r.getMessage() for r in caplog.records if "kNN-LM searches:" in r.getMessage()]
+    assert lines, "no searches line"
+    m = re.search(r"kNN-LM searches: (\d+) of (\d+) tokens \((\d+\.\d)%\)", lines[-1])
+    assert m, lines[-1]
+    caplog.clear()
+    return int(m.group(1)), int(m.group(2))
+
+
 def parse_ppl(log: str) -> float:
     m = re.findall(r"Perplexity: ([0-9.]+)", log)
     assert m, log[-2000:]

@@ -37,6 +37,7 @@ from fairseq_knnlm.lambda_model import (
     mixture_nll,
     pre_features,
     save_model,
+    top_value_mass,
     uses_search,
 )
 
@@ -120,6 +121,21 @@ def test_freq_table_values_beyond_vocab_are_not_counted_as_another_token():
         got = freq_table(extra, 6, chunk=chunk)
         assert got.shape == (6,)
         np.testing.assert_array_equal(got, expect)
+
+
+def test_top_value_mass_is_the_largest_value_group_weight():
+    g = np.random.default_rng(3)
+    vals = g.integers(-1, 6, size=(50, 17))
+    w = g.random((50, 17)).astype(np.float32)
+    w[vals < 0] = 0.0
+    w /= w.sum(1, keepdims=True)
+    got = top_value_mass(torch.from_numpy(w), torch.from_numpy(vals)).numpy()
+    want = [max(w[i][vals[i] == v].sum() for v in set(vals[i].tolist()) if v >= 0)
+            for i in range(len(vals))]
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    feats = knn_features(torch.full((1, 3), 1.0), 1.0, torch.tensor([[4, 4, 7]]))
+    assert feats["knn_top_mass"].item() == pytest.approx(2 / 3)
+    assert knn_features(torch.full((1, 3), 1.0), 1.0)["knn_top_mass"].item() == 0.0
 
 
 def test_knn_features_against_numpy_with_missing_neighbours():

@@ -17,7 +17,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import BIN, eval_args, eval_lm_inprocess, run
+from conftest import BIN, eval_args, eval_lm_inprocess, run, searches_logged
 
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.lambda_model import (
@@ -37,12 +37,7 @@ def _knn(dstore, *extra: str) -> tuple[str, ...]:
 
 
 def _searches(caplog) -> tuple[int, int]:
-    lines = [r.getMessage() for r in caplog.records if "kNN-LM searches:" in r.getMessage()]
-    assert lines, "no searches line"
-    m = re.search(r"kNN-LM searches: (\d+) of (\d+) tokens", lines[-1])
-    assert m, lines[-1]
-    caplog.clear()
-    return int(m.group(1)), int(m.group(2))
+    return searches_logged(caplog)
 
 
 @pytest.fixture(scope="module")

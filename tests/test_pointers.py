@@ -16,7 +16,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
-from conftest import eval_args, eval_lm_inprocess
+from conftest import eval_args, eval_lm_inprocess, searches_logged
 
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.knn import recompute_distances
@@ -233,12 +233,7 @@ def _knn(dstore, *extra: str) -> tuple[str, ...]:
 
 
 def _searches(caplog) -> tuple[int, int]:
-    lines = [r.getMessage() for r in caplog.records if "kNN-LM searches:" in r.getMessage()]
-    assert lines, "no searches line"
-    m = re.search(r"kNN-LM searches: (\d+) of (\d+) tokens \((\d+\.\d)%\)", lines[-1])
-    assert m, lines[-1]
-    caplog.clear()
-    return int(m.group(1)), int(m.group(2))
+    return searches_logged(caplog)
 
 
 def test_threshold_above_k_equals_plain_knnlm(tiny, dstore, caplog):

@@ -35,7 +35,8 @@ fit_and_replay() {  # fit_and_replay NAME VALID_NBR TEST_NBR LAMBDA T K
   | tee "$LOG_DIR/lambda_knn_valid.log" | grep -E "Perplexity|kNN-LM"
 # 13b
 knnlm-sweep "$NBR/valid" --lambdas "$LAMBDAS" --temps 1,2,5,10,20,50,100 --dists l2 \
-  --json "$OUT/sweep_valid.json" | tee "$LOG_DIR/lambda_sweep_valid.log" | head -4
+  --json "$OUT/sweep_valid.json" > "$LOG_DIR/lambda_sweep_valid.log"
+sed -n 1,4p "$LOG_DIR/lambda_sweep_valid.log"
 read -r LAM TEMP KB < <(best_of "$OUT/sweep_valid.json")
 echo "best fixed on valid (exact L2): lambda=$LAM T=$TEMP k=$KB"
 # 13c

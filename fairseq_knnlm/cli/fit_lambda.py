@@ -29,7 +29,7 @@ from typing import Optional
 
 from ..errors import KNNLMError
 from ..lambda_model import FEATURES, KINDS, POST_FEATURES, save_model
-from ..lambda_replay import datastore_freq, fit_model, token_inputs
+from ..lambda_replay import datastore_freq, datastore_vals, fit_model, token_inputs
 from ..sweep import load_neighbors
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,8 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         k = args.k or int(nb.meta["k"])
         features = [f for f in args.features.split(",") if f] if args.features else None
         freq = datastore_freq(nb, args.dstore)
-        inp = token_inputs(nb, freq, k, args.temp, args.dist)
+        inp = token_inputs(nb, freq, k, args.temp, args.dist,
+                           vals=datastore_vals(nb, args.dstore))
         model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
