@@ -279,3 +279,30 @@ def test_console_script_errors_in_one_line(tiny, dstore, tmp_path):
     assert p.returncode != 0
     assert "--k 8 (fitted for 4)" in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
     assert sys.executable  # the venv's scripts are used (BIN)
+
+
+def test_skipping_with_pointers(tiny, dstore, saved, caplog):
+    """The gate's SKIP goes through the pointers' policy: with a threshold above k it equals
+    the run without pointers; with pointers the skipped tokens are neither searched nor
+    followed, and the line counts them."""
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    model = load_model(saved["mlp"])
+    from fairseq_knnlm.lambda_replay import token_inputs
+    from fairseq_knnlm.sweep import load_neighbors
+
+    inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature)
+    gate = model.gate_lambdas({f: torch.from_numpy(v) for f, v in inp.x.items()}, len(inp))
+    tau = str(round(float(np.quantile(gate.numpy(), 0.5)) + 1e-4, 6))
+    knn = _knn(dstore, "--knn-lambda-model", str(saved["mlp"]), "--knn-skip-below", tau)
+    plain = eval_lm_inprocess(eval_args(tiny, "test", *knn))
+    s_plain, n = _searches(caplog)
+    above = eval_lm_inprocess(eval_args(tiny, "test", *knn, "--knn-pointers",
+                                        "--knn-min-pointers", "9"))
+    assert _searches(caplog) == (s_plain, n) and above["loss"] == plain["loss"]
+    eval_lm_inprocess(eval_args(tiny, "test", *knn, "--knn-pointers", "--knn-min-pointers", "1"))
+    line = [r.getMessage() for r in caplog.records if "kNN-LM searches:" in r.getMessage()][-1]
+    m = re.search(r"searches: (\d+) of (\d+) tokens .*; (\d+) from pointers, (\d+) without kNN",
+                  line)
+    assert m, line
+    s, total, ptr, skipped = map(int, m.groups())
+    assert total == n and skipped == n - s_plain and s + ptr + skipped == n and ptr > 0

@@ -13,7 +13,7 @@
 # Run: bash examples/wikitext2/13_adaptive_lambda.sh
 source "$(dirname "$0")/common.sh"
 NBR="$RUN_DIR/nbrs_lambda"; OUT="$RUN_DIR/adaptive_lambda"; mkdir -p "$NBR" "$OUT"
-TAUS="${TAUS:-0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6}"
+TAUS="${TAUS:-0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9}"
 LAMBDAS=0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95
 KNN=(--knnlm --dstore-filename "$DSTORE" --indexfile "$INDEX" --probe 32 --k 1024)
 best_of() {  # best_of SWEEP_JSON -> "lambda temperature k"
