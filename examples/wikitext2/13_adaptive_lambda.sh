@@ -59,5 +59,5 @@ python "$HERE/adaptive_table.py" "$OUT" | tee "$LOG_DIR/adaptive_table.log"
 if [ -n "${POINTER_THRESHOLDS:-8,64,256,1025}" ]; then
   knnlm-sweep "$NBR/valid" --pointer-thresholds "${POINTER_THRESHOLDS:-8,64,256,1025}" \
     --lambdas "$LAM" --temps "$TEMP" --json "$OUT/pointers_valid.json" --plot-dir "$OUT" \
-    --label "WikiText-2 valid (2.09M keys)" | tee "$LOG_DIR/pointers_valid.log"
+    --label "WT-2 valid, 2.09M keys:" | tee "$LOG_DIR/pointers_valid.log"
 fi

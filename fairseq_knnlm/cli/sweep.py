@@ -141,7 +141,7 @@ def _save(fig: Any, ax: Any, xlabel: str, title: str, path: Path) -> Path:
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
-    ax.set_title(title.strip())
+    ax.set_title(title.strip(), fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -251,7 +251,7 @@ def plot_pointers(rows: list[dict[str, Any]], out_dir: Path, label: str = "") ->
             ax.annotate(str(thr), (x, y), fontsize=6, xytext=(2, 2), textcoords="offset points")
     ax.set_xlim(0, 1.02)
     return _save(fig, ax, "fraction of tokens searched (labels: --knn-min-pointers)",
-                 f"{label} pointers: perplexity vs searches", out_dir / "ppl_vs_searches.png")
+                 f"{label} pointers, ppl vs searches", out_dir / "ppl_vs_searches.png")
 
 
 def replay_main(args: argparse.Namespace) -> int:
