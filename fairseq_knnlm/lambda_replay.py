@@ -33,7 +33,6 @@ from .lambda_model import (
     best_constant,
     fit_buckets,
     fit_mlp,
-    freq_table,
     head_nll,
     knn_features,
     mixture_nll,
@@ -97,7 +96,7 @@ def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
     (N,) the datastore's values (default: read from the datastore the pass names)."""
     check_inputs(nb, k, temperature, dist)
     if vals is None:
-        vals = datastore_vals(nb)
+        vals, _ = datastore_values(nb)
     n = nb.n
     lm = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
     knn = np.empty(n, dtype=np.float64)
@@ -114,13 +113,9 @@ def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
         match = np.asarray(nb.arrays["match"][s:e]).astype(bool) & valid
         if not missing_last(valid):
             order = selection_order(ids, None, "faiss")
-            d = np.take_along_axis(d, order, axis=1)
-            match = np.take_along_axis(match, order, axis=1)
-        else:
-            order = None
-        d, match = d[:, :k], match[:, :k]
-        kept = (np.take_along_axis(ids, order, axis=1) if order is not None else ids)[:, :k]
-        nv = np.where(kept >= 0, vals[np.where(kept >= 0, kept, 0)], -1)
+            ids, d, match = (np.take_along_axis(a, order, axis=1) for a in (ids, d, match))
+        ids, d, match = ids[:, :k], d[:, :k], match[:, :k]
+        nv = np.where(ids >= 0, vals[np.where(ids >= 0, ids, 0)], -1)
         knn[s:e] = knn_logp_for_ks(d, match, [k], temperature)[k]
         post = knn_features(torch.from_numpy(np.ascontiguousarray(d)), temperature,
                             torch.from_numpy(nv.astype(np.int64)))
@@ -145,16 +140,12 @@ def _open_dstore(nb: Neighbors, dstore: Optional[str]) -> Any:
     return ds
 
 
-def datastore_vals(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
-    """(N,) int64 values of the datastore the pass searched (its meta names it)."""
-    return np.asarray(_open_dstore(nb, dstore).vals[:, 0], dtype=np.int64)
-
-
-def datastore_freq(nb: Neighbors, dstore: Optional[str] = None) -> np.ndarray:
-    """lambda_model.freq_table of the datastore the pass searched."""
+def datastore_values(nb: Neighbors, dstore: Optional[str] = None) -> tuple[np.ndarray, int]:
+    """(N,) int64 values of the datastore the pass searched (its meta names it), and its
+    dictionary size (for lambda_model.freq_table)."""
     ds = _open_dstore(nb, dstore)
-    vocab = int(ds.meta.dict_size or int(np.asarray(ds.vals[:, 0]).max()) + 1)
-    return freq_table(ds.vals[:, 0], vocab)
+    vals = np.asarray(ds.vals[:, 0], dtype=np.int64)
+    return vals, int(ds.meta.dict_size or int(vals.max()) + 1)
 
 
 def _ppl(nll: np.ndarray) -> float:
@@ -177,6 +168,7 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
     fit, stop, held = inp.rows(0, a), inp.rows(a, b), inp.rows(b, n)
     both = inp.rows(0, b)
     fixed = best_constant(both.lm, both.knn)
+    init = min(max(fixed, 0.01), 0.99)  # the MLPs start at the fixed lambda
     head: Head
     if kind == "constant":
         head = ConstantHead(fixed)
@@ -191,14 +183,14 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
         if bad:
             raise FlagError(f"--features: unknown {bad}; choose from {', '.join(FEATURES)}")
         head = fit_mlp(fit.x, fit.lm, fit.knn, stop.x, stop.lm, stop.knn, feat, hidden=hidden,
-                       steps=steps, init_lambda=min(max(fixed, 0.01), 0.99), seed=seed)
+                       steps=steps, init_lambda=init, seed=seed)
     gate_head: Optional[Head] = None
     if not uses_search(head):
         gate_head = head
     elif gate:
         gate_head = fit_mlp(fit.x, fit.lm, fit.knn, stop.x, stop.lm, stop.knn,
                             list(PRE_FEATURES), hidden=hidden, steps=steps,
-                            init_lambda=min(max(fixed, 0.01), 0.99), seed=seed)
+                            init_lambda=init, seed=seed)
     model = LambdaModel(kind=kind, head=head, gate=gate_head, k=k, temperature=temperature,
                         dist=dist, freq=np.asarray(freq, np.float32))
     report = {

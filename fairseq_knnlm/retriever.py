@@ -203,9 +203,13 @@ class KNNRetriever:
 
     def _log_prob(self, r: Retrieved, targets: torch.Tensor,
                   temperature: Optional[float]) -> torch.Tensor:
+        """log p_kNN(targets) of a retrieval; ``KNN_LOGP_FLOOR`` for its SKIP tokens."""
         t0 = time.perf_counter()
         logp = knn_log_prob(r.dists, r.nbr_vals, targets.to(r.dists.device),
                             temperature or self.temperature, r.valid)
+        if r.modes is not None:
+            skip = torch.from_numpy(r.modes == SKIP).to(logp.device)
+            logp = logp.masked_fill(skip, KNN_LOGP_FLOOR)
         self.timing["knn_softmax"] += time.perf_counter() - t0
         return logp
 
@@ -233,9 +237,7 @@ class KNNRetriever:
         modes[sel] = SEARCH
         r = Retrieved(ids=ids, faiss_dists=fd, dists=d.to(dev), nbr_vals=nbr_vals, valid=valid,
                       modes=modes, n_pointers=np.zeros(n, dtype=np.int64))
-        logp = self._log_prob(r, targets, temperature)
-        skip = torch.from_numpy(modes == SKIP).to(logp.device)
-        return logp.masked_fill(skip, KNN_LOGP_FLOOR), r
+        return self._log_prob(r, targets, temperature), r
 
     def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                     starts: Sequence[int], lengths: Sequence[int],
@@ -275,7 +277,4 @@ class KNNRetriever:
                       nbr_vals=nbr_vals, valid=valid, modes=res.modes,
                       n_pointers=res.n_pointers)
         self.timing["queries"] += len(targets)
-        logp = self._log_prob(r, targets, temperature)
-        skip = torch.from_numpy(res.modes == SKIP).to(logp.device)
-        logp = logp.masked_fill(skip, KNN_LOGP_FLOOR)
-        return logp, r, res.final
+        return self._log_prob(r, targets, temperature), r, res.final

@@ -519,14 +519,15 @@ class KNNEvalRuntime:
         if self.policy is None:
             if skip is None:
                 knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
-                self.mode_counts["search"] += len(b.targets)
             else:
                 knn_lp, retrieved = self.retriever.score_subset(b.queries, b.targets, ~skip)
-                assert retrieved.modes is not None
-                for name, c in count_modes(retrieved.modes).items():
-                    self.mode_counts[name] += c
         else:
             knn_lp, retrieved = self._score_streams(sample, b, self.policy, skip)
+        if retrieved.modes is None:  # every token searched
+            self.mode_counts["search"] += len(b.targets)
+        else:
+            for name, c in count_modes(retrieved.modes).items():
+                self.mode_counts[name] += c
         knn_lp = knn_lp.to(lm.device)
         if self.lambda_model is None:
             final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
@@ -589,9 +590,6 @@ class KNNEvalRuntime:
             if n and p is None:
                 fresh[s] = 1
         b.fresh = fresh
-        assert retrieved.modes is not None
-        for name, c in count_modes(retrieved.modes).items():
-            self.mode_counts[name] += c
         return knn_lp, retrieved
 
     def _notify(self, sample: dict, b: _Batch, lm: torch.Tensor, knn_lp: Optional[torch.Tensor],

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import KNNLMError
-from ..lambda_model import FEATURES, KINDS, POST_FEATURES, save_model
-from ..lambda_replay import datastore_freq, datastore_vals, fit_model, token_inputs
+from ..lambda_model import FEATURES, KINDS, POST_FEATURES, freq_table, save_model
+from ..lambda_replay import datastore_values, fit_model, token_inputs
 from ..sweep import load_neighbors
 
 logger = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         nb = load_neighbors(args.neighbors)
         k = args.k or int(nb.meta["k"])
         features = [f for f in args.features.split(",") if f] if args.features else None
-        freq = datastore_freq(nb, args.dstore)
-        inp = token_inputs(nb, freq, k, args.temp, args.dist,
-                           vals=datastore_vals(nb, args.dstore))
+        vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
+        freq = freq_table(vals, vocab)
+        inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals)
         model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
