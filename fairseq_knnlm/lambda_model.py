@@ -10,14 +10,19 @@ The paper mixes p = lambda p_kNN + (1 - lambda) p_LM with one lambda for every t
   Neighbor Language Models"), and how often the context's last token occurs in the
   datastore (a log count: rare contexts are where memorisation pays);
 * **after the search** (``POST_FEATURES``, from the neighbours' distances): the nearest
-  neighbour's distance (Drozdov et al. 2022, "You can't pick your neighbors, or can you?")
-  and the entropy of the neighbours' softmax weights.
+  neighbour's distance (Drozdov et al. 2022, "You can't pick your neighbors, or can you?"),
+  the entropy of the neighbours' softmax weights, the weight of their most common value, and
+  how the neighbours agree with p_LM (``AGREEMENT_FEATURES``: p_LM at the neighbours' values,
+  the LM's argmax; the scorer hands these over and ``--knn-save-neighbors`` saves them).
 
 A model holds two *heads*: ``lambda_head`` gives the lambda of every searched token (any
-features: ``constant``, ``buckets`` over one feature, or an ``mlp``), and ``gate`` (an MLP on
-``PRE_FEATURES`` only, or the lambda head itself when that uses no search feature) predicts
-lambda before the search; ``--knn-skip-below tau`` skips the search where the gate's lambda is
-below tau, and the LM alone scores that token (the runtime's SKIP mode, pointers.py).
+features: ``constant``, ``buckets`` over one feature, or an ``mlp``; or a ``MixHead``, an mlp
+whose softmax weighs p_LM and p_kNN at each of several temperatures, the model's ``temps``:
+its lambda, 1 - the LM's weight, is shared out among sharp and flat kNN distributions), and
+``gate`` (an MLP on ``PRE_FEATURES`` only, or the lambda head itself when that uses no search
+feature) predicts lambda before the search; ``--knn-skip-below tau`` skips the search where
+the gate's lambda is below tau, and the LM alone scores that token (the runtime's SKIP mode,
+pointers.py).
 
 Everything is fitted from a pass saved with ``--knn-save-neighbors`` on a tuning split
 (``knnlm-fit-lambda``): the saved rows give log p_LM, log p_kNN for the model's k,
@@ -61,7 +66,13 @@ POST_FEATURES = {
     "knn_min_dist": "the nearest neighbour's distance (the model's distance and k)",
     "knn_weight_entropy": "entropy of the neighbours' softmax(-d/T) weights, nats",
     "knn_top_mass": "max_v p_kNN(v): the weight of the neighbours' most common value",
+    "knn_lm_agreement": "log sum_v p_kNN(v) p_LM(v): how much p_LM the neighbours' values get",
+    "lm_logp_knn_top": "log p_LM(v*), v* = argmax_v p_kNN(v) (the neighbours' best guess)",
+    "knn_mass_lm_top": "p_kNN(argmax_v p_LM(v)): the neighbours' weight on the LM's best guess",
 }
+# POST features that compare the neighbours with p_LM: they need p_LM at the neighbours' values
+# and the LM's argmax (saved as PREFIX_lm_logp_nbrs / PREFIX_lm_argmax)
+AGREEMENT_FEATURES = ("knn_lm_agreement", "lm_logp_knn_top", "knn_mass_lm_top")
 FEATURES = {**PRE_FEATURES, **POST_FEATURES}
 KINDS = ("constant", "buckets", "mlp")
 
@@ -75,6 +86,11 @@ def lm_features(logp: torch.Tensor) -> torch.Tensor:
     return torch.stack([ent, lp.max(-1).values], dim=1)
 
 
+def lm_argmax(logp: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 argmax_v of n log-distributions (n, V) (the first of ties, as torch.max)."""
+    return logp.float().max(-1).indices
+
+
 def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
     """(V,) float32 log(1 + count) of each token among the datastore's values."""
     counts = np.zeros(vocab_size, dtype=np.int64)
@@ -84,24 +100,54 @@ def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.nd
     return np.log1p(counts).astype(np.float32)
 
 
-def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(n,) max over values v of the summed weights of a row's neighbours whose value is v
-    (weights (n, k), 0 where no neighbour; values (n, k) int)."""
-    vs, order = values.sort(dim=1)
+def top_value(weights: torch.Tensor, values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) max over values v of the summed weights of a row's neighbours whose value is v, and
+    that v (the smallest of ties; -1 for a row without neighbours), for weights (n, k), 0
+    where no neighbour, and values (n, k) int."""
+    if not values.shape[1]:
+        return torch.zeros(len(values)), torch.full((len(values),), -1, dtype=torch.long)
+    vs, order = values.long().sort(dim=1, stable=True)
     ws = weights.gather(1, order)
     c = ws.cumsum(1)
     start = torch.ones_like(vs, dtype=torch.bool)
     start[:, 1:] = vs[:, 1:] != vs[:, :-1]
     # the cumulative weight before each run of equal values, carried along the run
     base = torch.where(start, c - ws, torch.zeros_like(c)).cummax(dim=1).values
-    return (c - base).max(dim=1).values if vs.shape[1] else torch.zeros(len(vs))
+    mass, at = (c - base).max(dim=1)
+    return mass, vs.gather(1, at[:, None])[:, 0]
+
+
+def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(n,) the mass of ``top_value``."""
+    return top_value(weights, values)[0]
+
+
+def agreement_features(logw: torch.Tensor, values: torch.Tensor, lm_logp_nbrs: torch.Tensor,
+                       lm_top: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AGREEMENT_FEATURES of rows with neighbours: ``logw`` (n, k) log softmax weights (-inf
+    where no neighbour), ``values`` (n, k) their values (-1 there), ``lm_logp_nbrs`` (n, k)
+    log p_LM at each neighbour's value, ``lm_top`` (n,) the LM's argmax."""
+    finite = torch.isfinite(logw)
+    w = logw.exp().masked_fill(~finite, 0.0)
+    lp = lm_logp_nbrs.float().masked_fill(~finite, float("-inf"))
+    agree = torch.logsumexp(logw.masked_fill(~finite, float("-inf")) + lp, dim=1)
+    _, top = top_value(w, values)
+    first = (values == top[:, None]) & finite
+    at = first.float().argmax(dim=1, keepdim=True)  # a neighbour holding v*
+    lm_top_lp = lm_logp_nbrs.float().gather(1, at)[:, 0]
+    mass_lm = (w * (values == lm_top.long()[:, None]).float()).sum(1)
+    return {"knn_lm_agreement": agree, "lm_logp_knn_top": lm_top_lp, "knn_mass_lm_top": mass_lm}
 
 
 def knn_features(dists: torch.Tensor, temperature: float,
-                 values: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
-    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour) and the neighbours'
-    values (n, k) (knn_top_mass; 0 without them). A row without neighbours gets 0 for all
-    (it is not searched, so no lambda is applied to it)."""
+                 values: Optional[torch.Tensor] = None,
+                 lm_logp_nbrs: Optional[torch.Tensor] = None,
+                 lm_top: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour), the neighbours'
+    values (n, k) (knn_top_mass), and p_LM at them with the LM's argmax (AGREEMENT_FEATURES);
+    those without their inputs are left out. A row without neighbours gets 0 for all (it is
+    not searched, so no lambda is applied to it)."""
     d = dists.float()
     finite = torch.isfinite(d)
     dmin = d.min(dim=1).values
@@ -110,11 +156,23 @@ def knn_features(dists: torch.Tensor, temperature: float,
     ent = -(logw.exp() * logw.masked_fill(~finite, 0.0)).sum(1)
     any_ = finite.any(dim=1)
     zero = torch.zeros_like(dmin)
-    top = (top_value_mass(logw.exp().masked_fill(~finite, 0.0), values.to(d.device))
-           if values is not None else zero)
-    return {"knn_min_dist": torch.where(any_, dmin, zero),
-            "knn_weight_entropy": torch.where(any_, ent, zero),
-            "knn_top_mass": torch.where(any_, top, zero)}
+    out = {"knn_min_dist": torch.where(any_, dmin, zero),
+           "knn_weight_entropy": torch.where(any_, ent, zero)}
+    if values is not None:
+        vals = values.to(d.device)
+        top = top_value_mass(logw.exp().masked_fill(~finite, 0.0), vals)
+        out["knn_top_mass"] = torch.where(any_, top, zero)
+        if lm_logp_nbrs is not None and lm_top is not None:
+            rows = any_.nonzero()[:, 0]
+            agree = agreement_features(logw[rows], vals[rows], lm_logp_nbrs.to(d.device)[rows],
+                                       lm_top.to(d.device)[rows])
+            for f, v in agree.items():
+                out[f] = zero.clone().index_put_((rows,), v.float())
+    return out
+
+
+def needs_agreement(features: Sequence[str]) -> bool:
+    return any(f in AGREEMENT_FEATURES for f in features)
 
 
 def pre_features(lm_feats: torch.Tensor, prev_tokens: torch.Tensor, freq: np.ndarray
@@ -176,14 +234,18 @@ class MLPHead:
     weights: list[np.ndarray] = field(default_factory=list)  # (out, in) per layer
     biases: list[np.ndarray] = field(default_factory=list)
 
-    def logits(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def outputs(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, outputs) the last layer's output."""
         h = torch.stack([x[f].float() for f in self.features], dim=1)
         h = (h - torch.from_numpy(self.mean)) / torch.from_numpy(self.std)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             h = torch.nn.functional.linear(h, torch.from_numpy(w), torch.from_numpy(b))
             if i < len(self.weights) - 1:
                 h = torch.relu(h)
-        return h[:, 0]
+        return h
+
+    def logits(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.outputs(x)[:, 0]
 
     def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         return torch.sigmoid(self.logits(x))
@@ -196,7 +258,26 @@ class MLPHead:
                 "layers": len(self.weights)}, arrays
 
 
-Head = Union[ConstantHead, BucketHead, MLPHead]
+@dataclass
+class MixHead(MLPHead):
+    """Weights per token over (p_LM, p_kNN at each of the model's ``temps``) =
+    softmax(MLP(x)): a lambda per token (1 - the LM's weight) shared out among kNN
+    distributions of several temperatures (sharp where the nearest neighbours should decide,
+    flat where many should vote)."""
+
+    def log_weights(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(n, 1 + len(temps)) log weights, the LM's first."""
+        return torch.log_softmax(self.outputs(x), dim=1)
+
+    def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        return -torch.expm1(self.log_weights(x)[:, 0])  # 1 - w_LM
+
+    def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        meta, arrays = super().params()
+        return {**meta, "kind": "mix"}, arrays
+
+
+Head = Union[ConstantHead, BucketHead, MLPHead, MixHead]
 
 
 def uses_search(head: Head) -> bool:
@@ -213,16 +294,31 @@ class LambdaModel:
     dist: str  # 'l2' (exact) or 'faiss_l2'
     freq: np.ndarray  # (V,) float32 log(1 + count) of each token in the datastore
     info: dict[str, Any] = field(default_factory=dict)
+    temps: tuple[float, ...] = ()  # a MixHead's kNN temperatures; () with one lambda per token
 
     @property
     def needs_lm_features(self) -> bool:
         heads = [self.head] + ([self.gate] if self.gate is not None else [])
         return any(f in ("lm_entropy", "lm_max_logp") for h in heads for f in h.features)
 
+    @property
+    def needs_agreement(self) -> bool:
+        """Whether a head reads p_LM at the neighbours' values (AGREEMENT_FEATURES)."""
+        return needs_agreement(self.head.features)
+
     def lambdas(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """(n,) lambda of searched tokens: float32, or float64 for a constant head (its exact
         value: interpolate_per_token then gives knn.interpolate's numbers)."""
         return self.head.predict(x, n)
+
+    def mixture_logp(self, x: dict[str, torch.Tensor], lm_logp: torch.Tensor,
+                     knn_logps: torch.Tensor) -> torch.Tensor:
+        """log p of the targets: ``knn_logps`` (n,) at the model's temperature, or (n, m) at
+        its ``temps`` for a MixHead (logsumexp of its log weights plus the components)."""
+        if isinstance(self.head, MixHead):
+            comps = torch.cat([lm_logp.float()[:, None], knn_logps.float()], dim=1)
+            return torch.logsumexp(self.head.log_weights(x).to(comps.device) + comps, dim=1)
+        return interpolate_per_token(lm_logp, knn_logps, self.lambdas(x, len(lm_logp)))
 
     def gate_lambdas(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """(n,) float32 lambda predicted before the search (for --knn-skip-below)."""
@@ -302,13 +398,16 @@ def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarra
             lr: float = 3e-3, weight_decay: float = 1e-4, init_lambda: float = 0.25,
             seed: int = 1, eval_every: int = 25, patience: int = 300) -> MLPHead:
     """An MLPHead fitted by full-batch Adam on the mixture NLL of the fit rows, keeping the
-    parameters with the lowest NLL on the validation rows (early stopping)."""
+    parameters with the lowest NLL on the validation rows (early stopping). ``knn_fit`` and
+    ``knn_val`` of shape (n, m) (log p_kNN at m temperatures) fit a MixHead instead."""
     gen = torch.Generator().manual_seed(seed)
     xf = torch.from_numpy(_matrix(x_fit, features))
     xv = torch.from_numpy(_matrix(x_val, features))
     mean = xf.mean(0)
     std = xf.std(0).clamp_min(1e-6)
-    dims = [len(features)] + [hidden] * layers + [1]
+    knn_fit, knn_val = np.asarray(knn_fit), np.asarray(knn_val)
+    m = knn_fit.shape[1] if knn_fit.ndim == 2 else 0  # kNN components of a MixHead
+    dims = [len(features)] + [hidden] * layers + [1 + m if m else 1]
     net = []
     for i in range(len(dims) - 1):
         lin = torch.nn.Linear(dims[i], dims[i + 1])
@@ -319,7 +418,11 @@ def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarra
         net.append(lin)
     with torch.no_grad():  # start near the fixed-lambda model
         net[-1].weight.mul_(0.01)
-        net[-1].bias.fill_(math.log(init_lambda / (1 - init_lambda)))
+        if m:  # lambda shared equally among the temperatures
+            net[-1].bias.copy_(torch.tensor([math.log(1 - init_lambda)]
+                                            + [math.log(init_lambda / m)] * m))
+        else:
+            net[-1].bias.fill_(math.log(init_lambda / (1 - init_lambda)))
     params = [p for lin in net for p in lin.parameters()]
     opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
     lm_f, knn_f = torch.from_numpy(np.asarray(lm_fit, np.float32)), \
@@ -333,9 +436,12 @@ def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarra
             h = lin(h)
             if i < len(net) - 1:
                 h = torch.relu(h)
-        return h[:, 0]
+        return h if m else h[:, 0]
 
     def loss(z: torch.Tensor, lm: torch.Tensor, knn: torch.Tensor) -> torch.Tensor:
+        if m:
+            comps = torch.cat([lm[:, None], knn], dim=1)
+            return -torch.logsumexp(torch.log_softmax(z, dim=1) + comps, dim=1).mean()
         logsig = torch.nn.functional.logsigmoid
         return -torch.logaddexp(lm + logsig(-z), knn + logsig(z)).mean()
 
@@ -359,8 +465,8 @@ def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarra
     assert best_state is not None
     ws = [best_state[2 * i].numpy().astype(np.float32) for i in range(len(net))]
     bs = [best_state[2 * i + 1].numpy().astype(np.float32) for i in range(len(net))]
-    return MLPHead(tuple(features), mean.numpy().astype(np.float32),
-                   std.numpy().astype(np.float32), ws, bs)
+    return (MixHead if m else MLPHead)(tuple(features), mean.numpy().astype(np.float32),
+                                       std.numpy().astype(np.float32), ws, bs)
 
 
 def head_nll(head: Head, x: dict[str, np.ndarray], lm: np.ndarray, knn: np.ndarray) -> float:
@@ -380,12 +486,13 @@ def _head_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: PathLi
     if kind == "buckets":
         return BucketHead(str(meta["feature"]), arrays["edges"].astype(np.float32),
                           arrays["lambdas"].astype(np.float32))
-    if kind == "mlp":
+    if kind in ("mlp", "mix"):
         n = int(meta["layers"])
-        return MLPHead(tuple(meta["features"]), arrays["mean"].astype(np.float32),
-                       arrays["std"].astype(np.float32),
-                       [arrays[f"w{i}"].astype(np.float32) for i in range(n)],
-                       [arrays[f"b{i}"].astype(np.float32) for i in range(n)])
+        cls = MixHead if kind == "mix" else MLPHead
+        return cls(tuple(meta["features"]), arrays["mean"].astype(np.float32),
+               arrays["std"].astype(np.float32),
+               [arrays[f"w{i}"].astype(np.float32) for i in range(n)],
+               [arrays[f"b{i}"].astype(np.float32) for i in range(n)])
     raise FlagError(f"{path}: unknown head kind {kind!r}")
 
 
@@ -401,7 +508,8 @@ def save_model(path: PathLike, model: LambdaModel) -> None:
         arrays.update({f"gate.{k}": v for k, v in gate_arrays.items()})
     meta = {"format": FORMAT, "version": VERSION, "kind": model.kind, "head": head_meta,
             "gate": gate_meta, "k": model.k, "temperature": model.temperature,
-            "dist": model.dist, "vocab_size": int(len(model.freq)), **model.info}
+            "dist": model.dist, "vocab_size": int(len(model.freq)),
+            "temps": list(model.temps), **model.info}
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -435,10 +543,12 @@ def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
                                       if k.startswith("gate.")}, path)
             if meta.get("gate") else None)
     info = {k: v for k, v in meta.items() if k not in (
-        "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size")}
+        "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size",
+        "temps")}
     return LambdaModel(kind=str(meta["kind"]), head=head, gate=gate, k=int(meta["k"]),
                        temperature=float(meta["temperature"]), dist=str(meta["dist"]),
-                       freq=arrays["freq"].astype(np.float32), info=info)
+                       freq=arrays["freq"].astype(np.float32), info=info,
+                       temps=tuple(float(t) for t in meta.get("temps", [])))
 
 
 def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: float,

@@ -23,6 +23,7 @@ import torch
 
 from .errors import FlagError
 from .lambda_model import (
+    AGREEMENT_FEATURES,
     FEATURES,
     KINDS,
     POST_FEATURES,
@@ -30,10 +31,10 @@ from .lambda_model import (
     ConstantHead,
     Head,
     LambdaModel,
+    MixHead,
     best_constant,
     fit_buckets,
     fit_mlp,
-    head_nll,
     knn_features,
     mixture_nll,
     uses_search,
@@ -41,6 +42,7 @@ from .lambda_model import (
 from .sweep import (
     DISTS,
     LM_FEATURE_ARRAYS,
+    LM_NBR_ARRAYS,
     Neighbors,
     knn_logp_for_ks,
     missing_last,
@@ -58,10 +60,13 @@ class TokenInputs:
     lm: np.ndarray  # (n,) float64 log p_LM(target)
     knn: np.ndarray  # (n,) float64 log p_kNN(target) at the model's k, T, distance
     x: dict[str, np.ndarray]  # feature name -> (n,) float32
+    knns: Optional[np.ndarray] = None  # (n, m) float64 log p_kNN(target) at a MixHead's temps
+    temps: tuple[float, ...] = ()  # the temperatures of knns' columns
 
     def rows(self, lo: int, hi: int) -> TokenInputs:
         return TokenInputs(self.lm[lo:hi], self.knn[lo:hi],
-                           {f: v[lo:hi] for f, v in self.x.items()})
+                           {f: v[lo:hi] for f, v in self.x.items()},
+                           self.knns[lo:hi] if self.knns is not None else None, self.temps)
 
     def __len__(self) -> int:
         return len(self.lm)
@@ -90,17 +95,23 @@ def check_inputs(nb: Neighbors, k: int, temperature: float, dist: str) -> None:
 
 
 def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
-                 dist: str = "l2", vals: Optional[np.ndarray] = None, chunk: int = 32768
-                 ) -> TokenInputs:
-    """Every token's log p_LM, log p_kNN and features (see the module docstring); ``vals``
-    (N,) the datastore's values (default: read from the datastore the pass names)."""
+                 dist: str = "l2", vals: Optional[np.ndarray] = None, chunk: int = 32768,
+                 temps: Sequence[float] = ()) -> TokenInputs:
+    """Every token's log p_LM, log p_kNN and features (see the module docstring), and log
+    p_kNN at each of ``temps`` (a MixHead's); ``vals`` (N,) the datastore's values (default:
+    read from the datastore the pass names)."""
     check_inputs(nb, k, temperature, dist)
+    for t in temps:
+        check_inputs(nb, k, t, dist)
     if vals is None:
         vals, _ = datastore_values(nb)
     n = nb.n
     lm = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
     knn = np.empty(n, dtype=np.float64)
-    x = {f: np.empty(n, dtype=np.float32) for f in FEATURES}
+    knns = np.empty((n, len(temps)), dtype=np.float64) if temps else None
+    agree = all(a in nb.arrays for a in LM_NBR_ARRAYS)  # AGREEMENT_FEATURES possible
+    x = {f: np.empty(n, dtype=np.float32) for f in FEATURES
+         if agree or f not in AGREEMENT_FEATURES}
     x["lm_entropy"][:] = np.asarray(nb.arrays["lm_entropy"], dtype=np.float32)
     x["lm_max_logp"][:] = np.asarray(nb.arrays["lm_max_logp"], dtype=np.float32)
     prev = np.clip(np.asarray(nb.arrays["prev_tokens"], dtype=np.int64), 0, len(freq) - 1)
@@ -111,17 +122,40 @@ def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
         valid = ids >= 0
         d = np.where(valid, np.asarray(nb.arrays[DISTS[dist]][s:e], dtype=np.float32), np.inf)
         match = np.asarray(nb.arrays["match"][s:e]).astype(bool) & valid
+        order = None
         if not missing_last(valid):
             order = selection_order(ids, None, "faiss")
             ids, d, match = (np.take_along_axis(a, order, axis=1) for a in (ids, d, match))
+        lmn = None
+        if agree:
+            lmn = np.asarray(nb.arrays["lm_logp_nbrs"][s:e], dtype=np.float32)
+            if order is not None:
+                lmn = np.take_along_axis(lmn, order, axis=1)
+            lmn = torch.from_numpy(np.array(lmn[:, :k], dtype=np.float32))
         ids, d, match = ids[:, :k], d[:, :k], match[:, :k]
         nv = np.where(ids >= 0, vals[np.where(ids >= 0, ids, 0)], -1)
         knn[s:e] = knn_logp_for_ks(d, match, [k], temperature)[k]
+        for j, t in enumerate(temps):
+            assert knns is not None
+            knns[s:e, j] = knn_logp_for_ks(d, match, [k], t)[k]
+        top = (torch.from_numpy(np.asarray(nb.arrays["lm_argmax"][s:e], dtype=np.int64))
+               if agree else None)
         post = knn_features(torch.from_numpy(np.ascontiguousarray(d)), temperature,
-                            torch.from_numpy(nv.astype(np.int64)))
+                            torch.from_numpy(nv.astype(np.int64)), lmn, top)
         for f in POST_FEATURES:
-            x[f][s:e] = post[f].numpy()
-    return TokenInputs(lm, knn, x)
+            if f in x:
+                x[f][s:e] = post[f].numpy()
+    return TokenInputs(lm, knn, x, knns, tuple(float(t) for t in temps))
+
+
+def check_features(inp: TokenInputs, features: Sequence[str], what: str) -> None:
+    """FlagError when ``features`` need arrays the saved pass lacks (AGREEMENT_FEATURES: a
+    pass saved before they existed)."""
+    missing = [f for f in features if f not in inp.x]
+    if missing:
+        raise FlagError(f"{what} reads {', '.join(missing)}: the neighbour file lacks "
+                        f"{', '.join(LM_NBR_ARRAYS)} (saved by an older fairseq-knnlm): save "
+                        "the pass again with --knn-save-neighbors")
 
 
 def _open_dstore(nb: Neighbors, dstore: Optional[str]) -> Any:
@@ -158,9 +192,13 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
               splits: tuple[float, float] = SPLITS) -> tuple[LambdaModel, dict[str, Any]]:
     """Fit a lambda head of ``kind`` (and a gate on PRE_FEATURES) on the first rows; return
     the model and a report of held-out perplexities (LM, the best fixed lambda of the fit
-    rows, the head, and where the gate skips)."""
+    rows, the head, and where the gate skips). With ``inp.knns`` (token_inputs' ``temps``)
+    an mlp head is a MixHead over those temperatures."""
     if kind not in KINDS:
         raise FlagError(f"--kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    temps = tuple(float(t) for t in inp.temps) if inp.knns is not None else ()
+    if temps and kind != "mlp":
+        raise FlagError(f"--temps: a mixture of temperatures needs --kind mlp, not {kind}")
     n = len(inp)
     a, b = int(n * splits[0]), int(n * splits[1])
     if a < 10 or b - a < 1 or n - b < 1:
@@ -176,14 +214,19 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
         feat = (features or ["knn_min_dist"])
         if len(feat) != 1 or feat[0] not in FEATURES:
             raise FlagError(f"--features for buckets: one of {', '.join(FEATURES)}, got {feat}")
+        check_features(inp, feat, "--features")
         head = fit_buckets(both.x[feat[0]], both.lm, both.knn, feat[0], buckets)
     else:
         feat = list(features or FEATURES)
         bad = [f for f in feat if f not in FEATURES]
         if bad:
             raise FlagError(f"--features: unknown {bad}; choose from {', '.join(FEATURES)}")
-        head = fit_mlp(fit.x, fit.lm, fit.knn, stop.x, stop.lm, stop.knn, feat, hidden=hidden,
-                       steps=steps, init_lambda=init, seed=seed)
+        if features is None:  # all that this pass has
+            feat = [f for f in feat if f in inp.x]
+        check_features(inp, feat, "--features")
+        head = fit_mlp(fit.x, fit.lm, fit.knns if temps else fit.knn, stop.x, stop.lm,
+                       stop.knns if temps else stop.knn, feat, hidden=hidden, steps=steps,
+                       init_lambda=init, seed=seed)
     gate_head: Optional[Head] = None
     if not uses_search(head):
         gate_head = head
@@ -192,14 +235,14 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
                             list(PRE_FEATURES), hidden=hidden, steps=steps,
                             init_lambda=init, seed=seed)
     model = LambdaModel(kind=kind, head=head, gate=gate_head, k=k, temperature=temperature,
-                        dist=dist, freq=np.asarray(freq, np.float32))
+                        dist=dist, freq=np.asarray(freq, np.float32), temps=temps)
     report = {
         "rows": {"fit": a, "early_stop": b - a, "held_out": n - b},
         "fixed_lambda": fixed,
         "held_out_ppl": {
             "lm": _ppl(-held.lm),
             "fixed_lambda": _ppl(mixture_nll(held.lm, held.knn, fixed)),
-            "model": ppl_from_nll(head_nll(head, held.x, held.lm, held.knn)),
+            "model": _ppl(searched_nll(held, model)),
         },
     }
     if gate_head is not None:
@@ -215,22 +258,43 @@ def _torch_x(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {f: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)) for f, v in x.items()}
 
 
+def searched_nll(inp: TokenInputs, model: LambdaModel) -> np.ndarray:
+    """(n,) float64 -log p of each token when searched, as the model mixes online."""
+    xt = _torch_x(inp.x)
+    if isinstance(model.head, MixHead):
+        if inp.knns is None or tuple(inp.temps) != tuple(model.temps):
+            raise FlagError("the lambda model mixes temperatures "
+                            f"{list(model.temps)}: token_inputs(temps=...) must give them")
+        logw = model.head.log_weights(xt).numpy().astype(np.float64)
+        comps = np.concatenate([inp.lm[:, None], inp.knns], axis=1)
+        return -_logsumexp_rows(logw + comps)
+    lam = model.lambdas(xt, len(inp)).numpy().astype(np.float64)
+    return mixture_nll(inp.lm, inp.knn, lam)
+
+
+def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
+    mx = a.max(axis=1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    return (mx + np.log(np.exp(a - mx).sum(axis=1, keepdims=True)))[:, 0]
+
+
 def replay(inp: TokenInputs, model: LambdaModel, taus: Sequence[float]
            ) -> list[dict[str, Any]]:
     """Perplexity and searches for each skip threshold tau (0: every token searched)."""
     if any(not 0.0 <= t <= 1.0 for t in taus) or not taus:
         raise FlagError(f"--skip-below values must lie in [0, 1], got {list(taus)}")
     n = len(inp)
+    heads = [model.head] + ([model.gate] if model.gate is not None else [])
+    check_features(inp, [f for h in heads for f in h.features], "the lambda model")
     xt = _torch_x(inp.x)
-    lam = model.lambdas(xt, n).numpy().astype(np.float64)
-    searched_nll = mixture_nll(inp.lm, inp.knn, lam)
+    searched = searched_nll(inp, model)
     gate = model.gate_lambdas(xt, n).numpy() if model.gate is not None else None
     rows = []
     for tau in taus:
         if tau > 0 and gate is None:
             raise FlagError("--skip-below: the lambda model has no gate")
         skip = gate < tau if tau > 0 and gate is not None else np.zeros(n, dtype=bool)
-        nll = np.where(skip, -inp.lm, searched_nll)
+        nll = np.where(skip, -inp.lm, searched)
         searches = int(n - skip.sum())
         rows.append({"skip_below": float(tau), "searches": searches, "n_tokens": n,
                      "search_fraction": searches / max(1, n),

@@ -213,6 +213,11 @@ class KNNRetriever:
         self.timing["knn_softmax"] += time.perf_counter() - t0
         return logp
 
+    def log_prob(self, r: Retrieved, targets: torch.Tensor, temperature: float) -> torch.Tensor:
+        """log p_kNN(targets) of a retrieval at another temperature (KNN_LOGP_FLOOR for its
+        SKIP tokens)."""
+        return self._log_prob(r, targets, temperature)
+
     def score(self, queries: torch.Tensor, targets: torch.Tensor,
               temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
         """log p_kNN(targets) (n,) in float32, and the retrieval it came from."""

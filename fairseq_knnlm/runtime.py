@@ -43,7 +43,6 @@ from .knn import interpolate, normalize_sim_func, recompute_distances
 from .lambda_model import (
     LambdaModel,
     check_model_flags,
-    interpolate_per_token,
     knn_features,
     load_model,
     pre_features,
@@ -241,6 +240,17 @@ class _Batch:
     fresh: Optional[np.ndarray] = None  # (n,) uint8, with pointers: 1 where a stream starts
     prev_tokens: Optional[torch.Tensor] = None  # (n,) the input token at each scored position
     lm_feats: Optional[torch.Tensor] = None  # (n, 2) LM entropy and max log-prob, if wanted
+    lm_top: Optional[torch.Tensor] = None  # (n,) the LM's argmax, if wanted
+    # log p_LM of tokens (n, k) at the scored positions (scorer.lm_logp_at), if wanted
+    lm_logp_at: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    lm_logp_nbrs: Optional[torch.Tensor] = None  # (n, k) once computed
+
+    def lm_at_neighbors(self, nbr_vals: torch.Tensor) -> torch.Tensor:
+        """(n, k) log p_LM at the neighbours' values (0 where none), computed once."""
+        if self.lm_logp_nbrs is None:
+            assert self.lm_logp_at is not None
+            self.lm_logp_nbrs = self.lm_logp_at(nbr_vals)
+        return self.lm_logp_nbrs
 
 
 @dataclass
@@ -387,8 +397,8 @@ class KNNEvalRuntime:
         if self.retriever is None:
             return False
         lam = self.lambda_model
-        return bool(self.task_cfg.knn_save_neighbors) or (lam is not None
-                                                         and lam.needs_lm_features)
+        return bool(self.task_cfg.knn_save_neighbors) or (lam is not None and (
+            lam.needs_lm_features or lam.needs_agreement))
 
     # ---- start of the pass (called from the task's eval_lm_dataloader) ----
     @property
@@ -459,7 +469,7 @@ class KNNEvalRuntime:
             self.begin(None)
         b = self._collect(sample, hypos)
         if self.wants_lm_features:
-            b.lm_feats = torch.cat([h[0]["lm_features"][b.skip:] for h in hypos]).float()
+            self._take_lm_features(b, hypos)
         if self.writer is not None:
             self._dump(sample, b)
         if self.knnlm or self.cache:
@@ -478,6 +488,17 @@ class KNNEvalRuntime:
             if self.observers:
                 self._notify(sample, b, lm, knn_lp, cache_lp, final, retrieved)
         self._report_progress(len(b.targets))
+
+    @staticmethod
+    def _take_lm_features(b: _Batch, hypos: list) -> None:
+        """The scorer's LM features of the batch's scored tokens (scorer._score_targets_only)."""
+        b.lm_feats = torch.cat([h[0]["lm_features"][b.skip:] for h in hypos]).float()
+        b.lm_top = torch.cat([h[0]["lm_argmax"][b.skip:] for h in hypos]).long()
+        at = hypos[0][0]["lm_logp_at"] if hypos else None
+        pos = torch.cat([torch.arange(h[0]["lm_offset"] + b.skip,
+                                      h[0]["lm_offset"] + h[0]["tokens"].numel())
+                         for h in hypos]) if hypos else torch.zeros(0, dtype=torch.long)
+        b.lm_logp_at = (lambda tokens: at(pos, tokens)) if at is not None else None
 
     def _collect(self, sample: dict, hypos: list) -> _Batch:
         """The captured states, and the keys and targets of the scored positions."""
@@ -533,13 +554,26 @@ class KNNEvalRuntime:
             final = interpolate(lm, knn_lp, self.task_cfg.lmbda)
         else:
             assert x is not None
-            x.update(knn_features(retrieved.dists, self.task_cfg.knn_temp, retrieved.nbr_vals))
-            lam = self.lambda_model.lambdas(x, len(lm))
-            final = interpolate_per_token(lm, knn_lp, lam)
+            agree = self.lambda_model.needs_agreement
+            x.update(knn_features(
+                retrieved.dists, self.task_cfg.knn_temp, retrieved.nbr_vals,
+                b.lm_at_neighbors(retrieved.nbr_vals) if agree else None,
+                b.lm_top if agree else None))
+            final = self.lambda_model.mixture_logp(x, lm, self._knn_at_temps(knn_lp, b,
+                                                                             retrieved))
         if retrieved.modes is not None and (retrieved.modes == SKIP).any():
             skip = torch.from_numpy(retrieved.modes == SKIP).to(lm.device)
             final = torch.where(skip, lm.float(), final)  # no kNN for this token: p_LM
         return final, knn_lp, retrieved
+
+    def _knn_at_temps(self, knn_lp: torch.Tensor, b: _Batch, retrieved: Retrieved
+                      ) -> torch.Tensor:
+        """log p_kNN at the run's temperature (n,), or at each of a MixHead's temps (n, m)."""
+        assert self.lambda_model is not None and self.retriever is not None
+        if not self.lambda_model.temps:
+            return knn_lp
+        return torch.stack([self.retriever.log_prob(retrieved, b.targets, t).to(knn_lp.device)
+                            for t in self.lambda_model.temps], dim=1)
 
     def _lambda_inputs(self, b: _Batch
                        ) -> tuple[Optional[dict[str, torch.Tensor]], Optional[np.ndarray]]:
@@ -635,8 +669,11 @@ class KNNEvalRuntime:
             rows["cache_logp"] = cache_lp.cpu().numpy().astype(np.float32)
         assert b.lm_feats is not None and b.prev_tokens is not None
         lmf = b.lm_feats.cpu().numpy()
+        assert b.lm_top is not None
         rows.update(lm_entropy=lmf[:, 0], lm_max_logp=lmf[:, 1],
-                    prev_tokens=b.prev_tokens.cpu().numpy().astype(np.int32))
+                    prev_tokens=b.prev_tokens.cpu().numpy().astype(np.int32),
+                    lm_argmax=b.lm_top.cpu().numpy().astype(np.int32),
+                    lm_logp_nbrs=b.lm_at_neighbors(retrieved.nbr_vals).cpu().numpy())
         if self.nbr_writer.query_dim is not None:  # what a pointer replay needs
             assert retrieved.modes is not None and b.fresh is not None
             rows.update(queries=b.queries.cpu().numpy().astype(np.float32),

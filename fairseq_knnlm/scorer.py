@@ -11,6 +11,7 @@ hypothesis' ``positional_scores`` by the interpolated log-probabilities.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -18,7 +19,7 @@ from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
 from .errors import FlagError
-from .lambda_model import lm_features
+from .lambda_model import lm_argmax, lm_features
 from .runtime import active_runtime
 
 DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
@@ -40,8 +41,11 @@ class KNNSequenceScorer(SequenceScorer):
                             with_features: bool = False) -> list:
         """fairseq's hypotheses for the scored positions; ``with_features`` adds, per
         hypothesis, ``lm_features`` (n, 2): the entropy and the max log-prob of p_LM there
-        (lambda_model.lm_features), read off the same distributions (an adaptive softmax
-        computes every cluster for them: given targets it fills only the targets' clusters)."""
+        (lambda_model.lm_features), and ``lm_argmax`` (n,), read off the same distributions (an
+        adaptive softmax computes every cluster for them: given targets it fills only the
+        targets' clusters); the first hypothesis also gets ``lm_logp_at``, a function giving
+        log p_LM of any tokens at the batch's scored positions (``lm_logp_at``), each
+        hypothesis its first position's ``lm_offset`` there."""
         model.eval()
         decoder_out = model(**sample["net_input"])
         target = sample["target"]
@@ -53,6 +57,8 @@ class KNNSequenceScorer(SequenceScorer):
         rows = self.softmax_batch if self.softmax_batch < 1 << 40 else DEFAULT_SOFTMAX_ROWS
         lp = feats.new_empty(tgt.shape, dtype=torch.float32)
         lmf = feats.new_empty((len(tgt), 2), dtype=torch.float32) if with_features else None
+        top = torch.empty(len(tgt), dtype=torch.long, device=feats.device) if with_features \
+            else None
         adaptive = getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None
         for s in range(0, len(tgt), rows):
             e = min(len(tgt), s + rows)
@@ -66,6 +72,8 @@ class KNNSequenceScorer(SequenceScorer):
                         (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
                         sample=None)
                 lmf[s:e] = lm_features(probs[0])
+                assert top is not None
+                top[s:e] = lm_argmax(probs[0])
         hypos, o = [], 0
         for i in range(bsz):
             ref = utils.strip_pad(target[i, starts[i]:], self.pad)
@@ -75,8 +83,29 @@ class KNNSequenceScorer(SequenceScorer):
             scores = lp[o:o + n]
             hypo = {"tokens": ref, "score": scores.sum() / max(1, n), "attention": None,
                     "alignment": None, "positional_scores": scores}
-            if lmf is not None:
-                hypo["lm_features"] = lmf[o:o + n]
+            if lmf is not None and top is not None:
+                hypo["lm_features"], hypo["lm_argmax"] = lmf[o:o + n], top[o:o + n]
+                hypo["lm_offset"] = o
+                if i == 0:
+                    hypo["lm_logp_at"] = functools.partial(
+                        lm_logp_at, model, feats, tuple(decoder_out[1:]), rows)
             o += n
             hypos.append([hypo])
         return hypos
+
+
+@torch.no_grad()
+def lm_logp_at(model: torch.nn.Module, feats: torch.Tensor, extra: tuple, rows: int,
+               positions: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(m, k) float32 log p_LM(tokens[i, j] | scored position positions[i]) from the decoder's
+    output ``feats`` (n, C) at the scored positions: the full distribution (the adaptive
+    softmax's every cluster), ``rows`` positions at a time; tokens < 0 (no neighbour) give 0."""
+    out = torch.zeros(tokens.shape, dtype=torch.float32, device=feats.device)
+    pos = positions.to(feats.device).long()
+    tok = tokens.to(feats.device).long()
+    for s in range(0, len(pos), rows):
+        e = min(len(pos), s + rows)
+        probs = model.get_normalized_probs((feats[pos[s:e]].unsqueeze(0),) + extra,
+                                           log_probs=True, sample=None)[0]
+        out[s:e] = probs.gather(-1, tok[s:e].clamp_min(0)).float().masked_fill(tok[s:e] < 0, 0.0)
+    return out

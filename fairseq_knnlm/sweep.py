@@ -12,6 +12,8 @@ Saved by ``fairseq-eval-lm ... --knnlm --knn-save-neighbors PREFIX`` (one row pe
     PREFIX_lm_entropy.npy float32 (n,)  entropy of p_LM(.|context), nats
     PREFIX_lm_max_logp.npy float32 (n,) max_v log p_LM(v|context)
     PREFIX_prev_tokens.npy int32 (n,)   the context's last token (the input at that position)
+    PREFIX_lm_argmax.npy int32 (n,)     argmax_v p_LM(v|context)
+    PREFIX_lm_logp_nbrs.npy float32 (n, k) log p_LM(neighbour's value|context) (0: none)
     with --knn-pointers (what ``replay_pointers`` needs):
     PREFIX_queries.npy  float32 (n, D)  the query (key of the scored position)
     PREFIX_modes.npy    int8 (n,)       0 searched, 1 scored from pointers, 2 no kNN
@@ -94,8 +96,9 @@ class NeighborWriter:
         if with_cache:
             specs["cache_logp"] = (_p(prefix, "cache_logp"), np.float32, ())
         if with_lm_features:
-            for name in LM_FEATURE_ARRAYS:
-                specs[name] = (_p(prefix, name), _SPEC[name][0], ())
+            for name in LM_FEATURE_ARRAYS + LM_NBR_ARRAYS:
+                shape = (k,) if _SPEC[name][1] == "k" else ()
+                specs[name] = (_p(prefix, name), _SPEC[name][0], shape)
         if query_dim is not None:
             specs["queries"] = (_p(prefix, "queries"), np.float32, (query_dim,))
             specs["modes"] = (_p(prefix, "modes"), np.int8, ())
@@ -132,8 +135,11 @@ _SPEC = {"targets": (np.int32, None), "lm_logp": (np.float32, None),
          "l2_dists": (np.float32, "k"), "cache_logp": (np.float32, None),
          "queries": (np.float32, "dim"), "modes": (np.int8, None), "fresh": (np.uint8, None),
          "lm_entropy": (np.float32, None), "lm_max_logp": (np.float32, None),
-         "prev_tokens": (np.int32, None)}
+         "prev_tokens": (np.int32, None), "lm_argmax": (np.int32, None),
+         "lm_logp_nbrs": (np.float32, "k")}
 LM_FEATURE_ARRAYS = ("lm_entropy", "lm_max_logp", "prev_tokens")
+# what lambda_model.AGREEMENT_FEATURES need (saved since they exist)
+LM_NBR_ARRAYS = ("lm_argmax", "lm_logp_nbrs")
 
 
 def meta_path(prefix: PathLike) -> Path:

@@ -15,6 +15,7 @@ import torch
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.knn import KNN_LOGP_FLOOR, interpolate
 from fairseq_knnlm.lambda_model import (
+    AGREEMENT_FEATURES,
     FEATURES,
     FORMAT,
     POST_FEATURES,
@@ -23,6 +24,7 @@ from fairseq_knnlm.lambda_model import (
     BucketHead,
     ConstantHead,
     LambdaModel,
+    MixHead,
     MLPHead,
     best_constant,
     check_model_flags,
@@ -37,6 +39,7 @@ from fairseq_knnlm.lambda_model import (
     mixture_nll,
     pre_features,
     save_model,
+    top_value,
     top_value_mass,
     uses_search,
 )
@@ -135,7 +138,7 @@ def test_top_value_mass_is_the_largest_value_group_weight():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     feats = knn_features(torch.full((1, 3), 1.0), 1.0, torch.tensor([[4, 4, 7]]))
     assert feats["knn_top_mass"].item() == pytest.approx(2 / 3)
-    assert knn_features(torch.full((1, 3), 1.0), 1.0)["knn_top_mass"].item() == 0.0
+    assert "knn_top_mass" not in knn_features(torch.full((1, 3), 1.0), 1.0)  # no values
 
 
 def test_knn_features_against_numpy_with_missing_neighbours():
@@ -146,7 +149,7 @@ def test_knn_features_against_numpy_with_missing_neighbours():
     d[9, :] = np.inf  # no neighbour at all
     temp = 7.0
     got = knn_features(torch.from_numpy(d), temp)
-    assert set(got) == set(POST_FEATURES)
+    assert set(got) == {"knn_min_dist", "knn_weight_entropy"}  # no values, no p_LM given
     for v in got.values():
         assert v.shape == (20,) and v.dtype == torch.float32 and torch.isfinite(v).all()
     for i in range(20):
@@ -165,6 +168,47 @@ def test_knn_features_against_numpy_with_missing_neighbours():
     flat = knn_features(torch.from_numpy(d), 1e9)["knn_weight_entropy"]
     assert float(flat[0]) == pytest.approx(math.log(8), rel=1e-5)
     assert float(flat[2]) == pytest.approx(math.log(5), rel=1e-5)
+
+
+def test_agreement_features_against_numpy():
+    rng = np.random.default_rng(3)
+    n, k, V = 30, 12, 6
+    d = rng.uniform(0, 40, (n, k)).astype(np.float32)
+    vals = rng.integers(0, V, (n, k))
+    d[2, 7:] = np.inf
+    vals[2, 7:] = -1
+    d[5, :] = np.inf  # no neighbour: every feature 0
+    vals[5, :] = -1
+    lm_full = np.log(rng.dirichlet(np.ones(V), n)).astype(np.float32)  # p_LM per row
+    lmn = np.where(vals >= 0, np.take_along_axis(lm_full, np.maximum(vals, 0), 1), 0.0)
+    top = lm_full.argmax(1)
+    temp = 9.0
+    got = knn_features(torch.from_numpy(d), temp, torch.from_numpy(vals),
+                       torch.from_numpy(lmn.astype(np.float32)), torch.from_numpy(top))
+    assert set(got) == set(POST_FEATURES)
+    for i in range(n):
+        ok = np.isfinite(d[i])
+        if not ok.any():
+            for f in AGREEMENT_FEATURES:
+                assert float(got[f][i]) == 0.0
+            continue
+        z = -d[i][ok].astype(np.float64) / temp
+        w = np.exp(z - z.max())
+        w /= w.sum()
+        pk = {v: w[vals[i][ok] == v].sum() for v in set(vals[i][ok].tolist())}
+        agree = math.log(sum(p * math.exp(lm_full[i, v]) for v, p in pk.items()))
+        vstar = min(v for v, p in pk.items() if p == max(pk.values()))
+        assert float(got["knn_lm_agreement"][i]) == pytest.approx(agree, rel=1e-5, abs=1e-5)
+        assert float(got["lm_logp_knn_top"][i]) == pytest.approx(float(lm_full[i, vstar]))
+        assert float(got["knn_mass_lm_top"][i]) == pytest.approx(pk.get(int(top[i]), 0.0),
+                                                                 abs=1e-6)
+
+
+def test_top_value_breaks_ties_towards_the_smallest_value():
+    w = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.5, 0.0, 0.0, 0.0]])
+    v = torch.tensor([[9, 3, 9, 3], [7, -1, -1, -1]])
+    mass, val = top_value(w, v)
+    assert mass.tolist() == [0.5, 0.5] and val.tolist() == [3, 7]
 
 
 def test_pre_features_look_up_the_table():
@@ -476,15 +520,26 @@ def _models() -> dict[str, LambdaModel]:
     for name, kind, head, g in [("constant", "constant", const, const),
                                 ("buckets", "buckets", buckets, gate),
                                 ("mlp", "mlp", mlp, gate),
-                                ("mlp_no_gate", "mlp", mlp, None)]:
+                                ("mlp_no_gate", "mlp", mlp, None),
+                                ("mix", "mlp", _random_mix(tuple(FEATURES), 15, 3), gate)]:
         m = _model(head, g, k=32, temperature=3.5, dist="faiss_l2", vocab=40)
         m.kind = kind
         m.info = dict(info)
+        if name == "mix":
+            m.temps = (1.0, 3.5, 20.0)
         out[name] = m
     return out
 
 
-@pytest.mark.parametrize("name", ["constant", "buckets", "mlp", "mlp_no_gate"])
+def _random_mix(features: tuple[str, ...], seed: int, m: int) -> MixHead:
+    h = _random_mlp(features, seed)
+    rng = np.random.default_rng(seed + 1)
+    h.weights[-1] = rng.standard_normal((1 + m, h.weights[-1].shape[1])).astype(np.float32)
+    h.biases[-1] = rng.standard_normal(1 + m).astype(np.float32)
+    return MixHead(h.features, h.mean, h.std, h.weights, h.biases)
+
+
+@pytest.mark.parametrize("name", ["constant", "buckets", "mlp", "mlp_no_gate", "mix"])
 def test_save_load_round_trip(tmp_path, name):
     model = _models()[name]
     path = tmp_path / "sub" / "lam.npz"  # the folder is created
@@ -506,6 +561,51 @@ def test_save_load_round_trip(tmp_path, name):
         assert torch.equal(got.gate_lambdas(x, 64), model.gate_lambdas(x, 64))
     if name == "constant":
         assert got.head.lmbda == 1 / 3
+    assert got.temps == model.temps
+    if name == "mix":
+        assert torch.equal(got.head.log_weights(x), model.head.log_weights(x))
+
+
+def test_mix_head_with_one_temperature_weighted_is_the_lambda_interpolation():
+    """A MixHead whose weights sit on (p_LM, p_kNN at one T) gives lambda interpolation at
+    that T; its lambda is 1 - the LM's weight; weights are a distribution."""
+    h = _random_mix(("lm_entropy",), 3, 3)
+    h.weights[-1][:] = 0.0
+    lam = 0.3
+    h.biases[-1][:] = np.array([math.log(1 - lam), -80.0, math.log(lam), -80.0], np.float32)
+    x = {"lm_entropy": torch.rand(50)}
+    lm = torch.log(torch.rand(50))
+    knns = torch.log(torch.rand(50, 3))
+    model = _model(h)
+    model.temps = (1.0, 10.0, 100.0)
+    got = model.mixture_logp(x, lm, knns)
+    want = interpolate_per_token(lm, knns[:, 1], torch.full((50,), lam, dtype=torch.float64))
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    torch.testing.assert_close(h.predict(x, 50), torch.full((50,), lam), rtol=0, atol=1e-6)
+    r = _random_mix(("lm_entropy",), 4, 3)
+    np.testing.assert_allclose(r.log_weights(x).exp().sum(1).numpy(), 1.0, rtol=1e-6)
+
+
+def test_fit_mlp_over_temperatures_beats_each_single_temperature():
+    """Tokens whose target only the sharp p_kNN favours, and tokens where only the flat one
+    does, told apart by a feature: the fitted MixHead beats the best fixed lambda at either
+    temperature."""
+    rng = np.random.default_rng(0)
+    n = 4000
+    f = rng.integers(0, 2, n).astype(np.float32)
+    lm = np.full(n, math.log(0.05))
+    sharp = np.where(f == 1, math.log(0.8), math.log(0.001))
+    flat = np.where(f == 1, math.log(0.01), math.log(0.3))
+    knns = np.stack([sharp, flat], axis=1)
+    x = {"lm_entropy": f}
+    head = fit_mlp(x, lm, knns, x, lm, knns, ["lm_entropy"], hidden=8, steps=600)
+    assert isinstance(head, MixHead)
+    logw = head.log_weights({"lm_entropy": torch.from_numpy(f)}).numpy().astype(np.float64)
+    comps = np.concatenate([lm[:, None], knns], axis=1)
+    nll = -np.log(np.exp(logw + comps).sum(1)).mean()
+    for j in range(2):
+        fixed = mixture_nll(lm, knns[:, j], best_constant(lm, knns[:, j])).mean()
+        assert nll < fixed - 0.3
 
 
 def _write_text(p: Path) -> None:

@@ -21,6 +21,7 @@ from conftest import BIN, eval_args, eval_lm_inprocess, run, searches_logged
 
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.lambda_model import (
+    AGREEMENT_FEATURES,
     ConstantHead,
     LambdaModel,
     lm_features,
@@ -52,7 +53,10 @@ def saved(tiny, dstore, tmp_path_factory):
     model = d / "mlp.npz"
     assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
                      "--steps", "200", "--json", str(d / "mlp.json")]) == 0
-    return {"dir": d, "valid": d / "valid", "test": d / "test", "mlp": model}
+    mix = d / "mix.npz"  # lambda shared out among three temperatures
+    assert cli_main([str(d / "valid"), "--out", str(mix), "--kind", "mlp", "--temp", T,
+                     "--temps", "0.5,2,8", "--steps", "200"]) == 0
+    return {"dir": d, "valid": d / "valid", "test": d / "test", "mlp": model, "mix": mix}
 
 
 def _model_file(path, head, k=8, temperature=2.0, vocab=None, gate=None) -> str:
@@ -80,6 +84,19 @@ def test_saved_lm_features_are_those_of_the_lm(saved):
     assert (a["lm_entropy"] > 0).all() and (a["lm_max_logp"] < 0).all()
     # the context's last token is the previous target within the text (one stream)
     assert (a["prev_tokens"][1:] == a["targets"][:-1]).mean() > 0.95
+    # p_LM at the neighbours' values: at a neighbour holding the target, log p_LM(target)
+    m = a["match"].astype(bool)
+    assert m.any()
+    rows = np.nonzero(m)[0]
+    np.testing.assert_allclose(a["lm_logp_nbrs"][m], a["lm_logp"][rows], atol=1e-5)
+    assert (a["lm_logp_nbrs"][a["ids"] >= 0] <= a["lm_max_logp"].max() + 1e-5).all()
+    # and at one holding the LM's argmax, the LM's max log-prob
+    vals = np.asarray(load_datastore_values(nb))
+    nv = np.where(a["ids"] >= 0, vals[np.maximum(a["ids"], 0)], -1)
+    at_top = nv == a["lm_argmax"][:, None]
+    assert at_top.any()
+    np.testing.assert_allclose(a["lm_logp_nbrs"][at_top],
+                               a["lm_max_logp"][np.nonzero(at_top)[0]], atol=1e-5)
 
 
 @pytest.mark.parametrize("adaptive", [False, True])
@@ -145,20 +162,33 @@ def test_skip_below_zero_searches_every_token(tiny, dstore, saved, caplog):
     assert _searches(caplog) == (n, n) and zero["loss"] == plain["loss"]
 
 
-def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path):
+def load_datastore_values(nb):
+    from fairseq_knnlm.lambda_replay import datastore_values
+
+    return datastore_values(nb)[0]
+
+
+@pytest.mark.parametrize("which", ["mlp", "mix"])
+def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path, which):
     """--knn-skip-below tau online = knnlm-sweep --lambda-model --skip-below tau offline:
-    same searches, same perplexity; the MLP model differs from the fixed lambda."""
+    same searches, same perplexity; the model (an MLP lambda reading every feature, the
+    LM-neighbour agreement ones included; or one mixing three temperatures) differs from the
+    fixed lambda."""
     from fairseq_knnlm.cli.sweep import cli_main
     from fairseq_knnlm.lambda_replay import token_inputs
     from fairseq_knnlm.sweep import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
-    model = load_model(saved["mlp"])
-    inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature)
+    path = saved[which]
+    model = load_model(path)
+    assert set(AGREEMENT_FEATURES) <= set(model.head.features)
+    assert bool(model.temps) == (which == "mix")
+    inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature,
+                       temps=model.temps)
     gate = model.gate_lambdas({f: torch.from_numpy(v) for f, v in inp.x.items()}, len(inp))
     taus = [0.0] + [round(float(np.quantile(gate.numpy(), q)) + 1e-4, 6) for q in (0.3, 0.7)]
     out = tmp_path / "replay.json"
-    assert cli_main([str(saved["test"]), "--lambda-model", str(saved["mlp"]), "--skip-below",
+    assert cli_main([str(saved["test"]), "--lambda-model", str(path), "--skip-below",
                      ",".join(map(str, taus)), "--lambdas", "0.1,0.3,0.5", "--json", str(out),
                      "--plot-dir", str(tmp_path / "plots")]) == 0
     res = json.loads(out.read_text())
@@ -167,7 +197,7 @@ def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path):
     fracs = []
     for tau in taus:
         online = eval_lm_inprocess(eval_args(tiny, "test", *_knn(
-            dstore, "--knn-lambda-model", str(saved["mlp"]), "--knn-skip-below", str(tau))))
+            dstore, "--knn-lambda-model", str(path), "--knn-skip-below", str(tau))))
         s, n = _searches(caplog)
         r = rows[tau]
         assert (r["searches"], r["n_tokens"]) == (s, n), (tau, r)

@@ -3,8 +3,10 @@
 #   13a one kNN-LM pass on valid (k 1024, probe 32, exact L2) saving neighbours + LM features
 #   13b knnlm-sweep on valid: the best fixed lambda x temperature x k = the baseline
 #   13c one kNN-LM pass on test at that setting (k 1024 saved: FAISS's top-k' are its first k')
-#   13d knnlm-fit-lambda on valid (buckets: Drozdov et al. 2022; mlp: He et al. 2021), for the
-#       tuned k and T; knnlm-sweep --lambda-model on test at every --knn-skip-below in TAUS
+#   13d knnlm-fit-lambda on valid (buckets: Drozdov et al. 2022; mlp: He et al. 2021, with
+#       features comparing the neighbours with p_LM; mix: that mlp sharing its lambda out among
+#       p_kNN at MIX_TEMPS), for the tuned k and T; knnlm-sweep --lambda-model on test at every
+#       --knn-skip-below in TAUS
 #   13e the same on tiny-shakespeare, from the neighbours 08_domain_adaptation.sh saved
 #   adaptive_table.py writes $RUN_DIR/adaptive_lambda/table.md and the plot.
 #   13f (issue #14) pointer thresholds replayed offline on valid from 13a's pass (its queries)
@@ -13,6 +15,7 @@
 # Run: bash examples/wikitext2/13_adaptive_lambda.sh
 source "$(dirname "$0")/common.sh"
 NBR="$RUN_DIR/nbrs_lambda"; OUT="$RUN_DIR/adaptive_lambda"; mkdir -p "$NBR" "$OUT"
+MIX_TEMPS="${MIX_TEMPS:-1,3,10,30,100}"
 TAUS="${TAUS:-0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9}"
 LAMBDAS=0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95
 KNN=(--knnlm --dstore-filename "$DSTORE" --indexfile "$INDEX" --probe 32 --k 1024)
@@ -21,8 +24,10 @@ best_of() {  # best_of SWEEP_JSON -> "lambda temperature k"
 }
 fit_and_replay() {  # fit_and_replay NAME VALID_NBR TEST_NBR LAMBDA T K
   local name=$1 valid=$2 test=$3 lam=$4 temp=$5 k=$6
-  for kind in buckets mlp; do
-    knnlm-fit-lambda "$valid" --out "$OUT/${name}_$kind.npz" --kind "$kind" --k "$k" \
+  for kind in buckets mlp mix; do
+    local how=(--kind "$kind")
+    [ "$kind" != mix ] || how=(--kind mlp --temps "$MIX_TEMPS")
+    knnlm-fit-lambda "$valid" --out "$OUT/${name}_$kind.npz" "${how[@]}" --k "$k" \
       --temp "$temp" --json "$OUT/${name}_${kind}_fit.json" | tee "$LOG_DIR/${name}_${kind}_fit.log"
     knnlm-sweep "$test" --lambda-model "$OUT/${name}_$kind.npz" --skip-below "$TAUS" \
       --lambdas "$lam" --json "$OUT/${name}_${kind}_test.json" | tee "$LOG_DIR/${name}_${kind}_test.log"
@@ -41,7 +46,8 @@ read -r LAM TEMP KB < <(best_of "$OUT/sweep_valid.json")
 echo "best fixed on valid (exact L2): lambda=$LAM T=$TEMP k=$KB"
 # 13c
 [ -f "$NBR/test_meta.json" ] || fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset test \
-  "${KNN[@]}" --lmbda "$LAM" --knn-temp "$TEMP" --knn-save-neighbors "$NBR/test" 2>&1 \
+  "${KNN[@]}" --lmbda "$LAM" --knn-temp "$TEMP" --knn-pointers --knn-min-pointers 1025 \
+  --knn-save-neighbors "$NBR/test" 2>&1 \
   | tee "$LOG_DIR/lambda_knn_test.log" | grep -E "Perplexity|kNN-LM"
 # 13d
 fit_and_replay wikitext2 "$NBR/valid" "$NBR/test" "$LAM" "$TEMP" "$KB"

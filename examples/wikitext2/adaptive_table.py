@@ -1,6 +1,7 @@
 """The adaptive-lambda table and plot of 13_adaptive_lambda.sh from its JSON files.
 
-For each setup (wikitext2, shakespeare) and lambda model (buckets, mlp), from
+For each setup (wikitext2, shakespeare) and lambda model (buckets; mlp; mix: an mlp sharing
+its lambda out among several kNN temperatures, knnlm-fit-lambda --temps), from
 ``knnlm-sweep --lambda-model ... --json``: test perplexity of the LM, of the fixed lambda tuned
 on valid, of the model searching every token, and the fewest searches (largest
 --knn-skip-below) whose perplexity is no worse than the fixed lambda's.
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 SETUPS = {"wikitext2": "WikiText-2 test", "shakespeare": "tiny-shakespeare test"}
-KINDS = ("buckets", "mlp")
+KINDS = ("buckets", "mlp", "mix")
 
 
 def rows_of(out: Path) -> list[str]:

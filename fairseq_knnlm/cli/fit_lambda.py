@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from ..errors import KNNLMError
+from ..errors import FlagError, KNNLMError
 from ..lambda_model import FEATURES, KINDS, POST_FEATURES, freq_table, save_model
 from ..lambda_replay import datastore_values, fit_model, token_inputs
 from ..sweep import load_neighbors
@@ -47,6 +47,10 @@ def get_parser() -> argparse.ArgumentParser:
                    help="kNN temperature (eval-lm's --knn-temp must match; use the tuned one)")
     p.add_argument("--dist", choices=("l2", "faiss_l2"), default="l2",
                    help="distance of p_kNN (eval-lm's --knn-sim-func must match)")
+    p.add_argument("--temps", default=None,
+                   help="comma list of kNN temperatures to mix per token (--kind mlp): the "
+                        "head then weighs p_LM and p_kNN at each (a lambda per token shared "
+                        "out among them); --temp stays the features' and the gate's")
     p.add_argument("--features", default=None,
                    help=f"comma list for the head, from {', '.join(FEATURES)} (mlp: all; "
                         "buckets: knn_min_dist)")
@@ -62,6 +66,13 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _floats(text: str, flag: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(t) for t in text.split(",") if t)
+    except ValueError:
+        raise FlagError(f"{flag}: a comma list of numbers, got {text!r}") from None
+
+
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
@@ -71,7 +82,8 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         features = [f for f in args.features.split(",") if f] if args.features else None
         vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
         freq = freq_table(vals, vocab)
-        inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals)
+        temps = _floats(args.temps, "--temps") if args.temps else ()
+        inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
         model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
@@ -83,8 +95,10 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     save_model(args.out, model)
     held = report["held_out_ppl"]
     uses = [f for f in model.head.features if f in POST_FEATURES]
+    mixed = f", mixing T {','.join(f'{t:g}' for t in model.temps)}" if model.temps else ""
     print(f"{args.kind} lambda model ({', '.join(model.head.features) or 'constant'}"
-          f"{'; needs the search' if uses else ''}), k={k}, T={args.temp:g}, {args.dist}; "
+          f"{'; needs the search' if uses else ''}), k={k}, T={args.temp:g}{mixed}, "
+          f"{args.dist}; "
           f"held-out {report['rows']['held_out']} tokens:")
     print(f"  LM ppl {held['lm']:.3f}; fixed lambda {report['fixed_lambda']:.3f}: "
           f"{held['fixed_lambda']:.3f}; model: {held['model']:.3f} "

@@ -282,7 +282,8 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_model(args.lambda_model, flag="--lambda-model")
     nb = load_neighbors(args.neighbors)
-    inp = token_inputs(nb, model.freq, model.k, model.temperature, model.dist)
+    inp = token_inputs(nb, model.freq, model.k, model.temperature, model.dist,
+                       temps=model.temps)
     rows = replay(inp, model, args.skip_below)
     fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
                   dist=model.dist)
