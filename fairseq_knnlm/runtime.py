@@ -241,15 +241,22 @@ class _Batch:
     prev_tokens: Optional[torch.Tensor] = None  # (n,) the input token at each scored position
     lm_feats: Optional[torch.Tensor] = None  # (n, 2) LM entropy and max log-prob, if wanted
     lm_top: Optional[torch.Tensor] = None  # (n,) the LM's argmax, if wanted
-    # log p_LM of tokens (n, k) at the scored positions (scorer.lm_logp_at), if wanted
-    lm_logp_at: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    # log p_LM of tokens (m, k) at m of the scored positions (rows (m,) int64: indices into
+    # the batch's scored tokens; scorer.lm_logp_at), if wanted
+    lm_logp_at: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None
     lm_logp_nbrs: Optional[torch.Tensor] = None  # (n, k) once computed
 
     def lm_at_neighbors(self, nbr_vals: torch.Tensor) -> torch.Tensor:
-        """(n, k) log p_LM at the neighbours' values (0 where none), computed once."""
+        """(n, k) log p_LM at the neighbours' values (0 where none), computed once and only
+        for the tokens with neighbours (not those the gate skipped)."""
         if self.lm_logp_nbrs is None:
             assert self.lm_logp_at is not None
-            self.lm_logp_nbrs = self.lm_logp_at(nbr_vals)
+            rows = (nbr_vals >= 0).any(dim=1).nonzero()[:, 0].cpu()
+            out = torch.zeros(nbr_vals.shape, dtype=torch.float32, device=nbr_vals.device)
+            if len(rows):
+                out[rows.to(out.device)] = self.lm_logp_at(rows, nbr_vals[rows.to(
+                    nbr_vals.device)]).to(out.device)
+            self.lm_logp_nbrs = out
         return self.lm_logp_nbrs
 
 
@@ -498,7 +505,7 @@ class KNNEvalRuntime:
         pos = torch.cat([torch.arange(h[0]["lm_offset"] + b.skip,
                                       h[0]["lm_offset"] + h[0]["tokens"].numel())
                          for h in hypos]) if hypos else torch.zeros(0, dtype=torch.long)
-        b.lm_logp_at = (lambda tokens: at(pos, tokens)) if at is not None else None
+        b.lm_logp_at = (lambda rows, tokens: at(pos[rows], tokens)) if at is not None else None
 
     def _collect(self, sample: dict, hypos: list) -> _Batch:
         """The captured states, and the keys and targets of the scored positions."""
