@@ -123,16 +123,17 @@ def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return top_value(weights, values)[0]
 
 
-def agreement_features(logw: torch.Tensor, values: torch.Tensor, lm_logp_nbrs: torch.Tensor,
-                       lm_top: torch.Tensor) -> dict[str, torch.Tensor]:
+def agreement_features(logw: torch.Tensor, values: torch.Tensor, top: torch.Tensor,
+                       lm_logp_nbrs: torch.Tensor, lm_top: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
     """AGREEMENT_FEATURES of rows with neighbours: ``logw`` (n, k) log softmax weights (-inf
-    where no neighbour), ``values`` (n, k) their values (-1 there), ``lm_logp_nbrs`` (n, k)
-    log p_LM at each neighbour's value, ``lm_top`` (n,) the LM's argmax."""
+    where no neighbour), ``values`` (n, k) their values (-1 there), ``top`` (n,) the value of
+    ``top_value``, ``lm_logp_nbrs`` (n, k) log p_LM at each neighbour's value, ``lm_top`` (n,)
+    the LM's argmax."""
     finite = torch.isfinite(logw)
     w = logw.exp().masked_fill(~finite, 0.0)
     lp = lm_logp_nbrs.float().masked_fill(~finite, float("-inf"))
     agree = torch.logsumexp(logw.masked_fill(~finite, float("-inf")) + lp, dim=1)
-    _, top = top_value(w, values)
     first = (values == top[:, None]) & finite
     at = first.float().argmax(dim=1, keepdim=True)  # a neighbour holding v*
     lm_top_lp = lm_logp_nbrs.float().gather(1, at)[:, 0]
@@ -160,11 +161,12 @@ def knn_features(dists: torch.Tensor, temperature: float,
            "knn_weight_entropy": torch.where(any_, ent, zero)}
     if values is not None:
         vals = values.to(d.device)
-        top = top_value_mass(logw.exp().masked_fill(~finite, 0.0), vals)
-        out["knn_top_mass"] = torch.where(any_, top, zero)
+        mass, top = top_value(logw.exp().masked_fill(~finite, 0.0), vals)
+        out["knn_top_mass"] = torch.where(any_, mass, zero)
         if lm_logp_nbrs is not None and lm_top is not None:
             rows = any_.nonzero()[:, 0]
-            agree = agreement_features(logw[rows], vals[rows], lm_logp_nbrs.to(d.device)[rows],
+            agree = agreement_features(logw[rows], vals[rows], top[rows],
+                                       lm_logp_nbrs.to(d.device)[rows],
                                        lm_top.to(d.device)[rows])
             for f, v in agree.items():
                 out[f] = zero.clone().index_put_((rows,), v.float())

@@ -201,7 +201,7 @@ class KNNRetriever:
         self.timing["queries"] += len(q)
         return Retrieved(ids=ids, faiss_dists=fd, dists=dists, nbr_vals=nbr_vals, valid=valid)
 
-    def _log_prob(self, r: Retrieved, targets: torch.Tensor,
+    def log_prob(self, r: Retrieved, targets: torch.Tensor,
                   temperature: Optional[float]) -> torch.Tensor:
         """log p_kNN(targets) of a retrieval; ``KNN_LOGP_FLOOR`` for its SKIP tokens."""
         t0 = time.perf_counter()
@@ -213,16 +213,11 @@ class KNNRetriever:
         self.timing["knn_softmax"] += time.perf_counter() - t0
         return logp
 
-    def log_prob(self, r: Retrieved, targets: torch.Tensor, temperature: float) -> torch.Tensor:
-        """log p_kNN(targets) of a retrieval at another temperature (KNN_LOGP_FLOOR for its
-        SKIP tokens)."""
-        return self._log_prob(r, targets, temperature)
-
     def score(self, queries: torch.Tensor, targets: torch.Tensor,
               temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
         """log p_kNN(targets) (n,) in float32, and the retrieval it came from."""
         r = self.retrieve(queries)
-        return self._log_prob(r, targets, temperature), r
+        return self.log_prob(r, targets, temperature), r
 
     def score_subset(self, queries: torch.Tensor, targets: torch.Tensor, search: np.ndarray,
                      temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
@@ -242,7 +237,7 @@ class KNNRetriever:
         modes[sel] = SEARCH
         r = Retrieved(ids=ids, faiss_dists=fd, dists=d.to(dev), nbr_vals=nbr_vals, valid=valid,
                       modes=modes, n_pointers=np.zeros(n, dtype=np.int64))
-        return self._log_prob(r, targets, temperature), r
+        return self.log_prob(r, targets, temperature), r
 
     def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                     starts: Sequence[int], lengths: Sequence[int],
@@ -282,4 +277,4 @@ class KNNRetriever:
                       nbr_vals=nbr_vals, valid=valid, modes=res.modes,
                       n_pointers=res.n_pointers)
         self.timing["queries"] += len(targets)
-        return self._log_prob(r, targets, temperature), r, res.final
+        return self.log_prob(r, targets, temperature), r, res.final
