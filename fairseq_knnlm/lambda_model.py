@@ -24,6 +24,13 @@ feature) predicts lambda before the search; ``--knn-skip-below tau`` skips the s
 the gate's lambda is below tau, and the LM alone scores that token (the runtime's SKIP mode,
 pointers.py).
 
+*With pointers* (pointers.py): a model fitted for ``--knn-pointers --knn-min-pointers N``
+(``knnlm-fit-lambda --min-pointers N``, its ``min_pointers``) sees each token's neighbours as
+that run finds them: the search's, or its live pointers' (exact L2) where at least N are
+alive; ``knn_log_count`` tells the two apart (log(1 + k) when searched), so the head lowers
+lambda where a few pointers stand in for a search. Fewer searches then come from the pointers,
+not from the gate; eval-lm refuses such a model under another pointer policy.
+
 Everything is fitted from a pass saved with ``--knn-save-neighbors`` on a tuning split
 (``knnlm-fit-lambda``): the saved rows give log p_LM, log p_kNN for the model's k,
 temperature and distance, and the features; a head is fitted to minimise the mixture's NLL
@@ -66,6 +73,8 @@ POST_FEATURES = {
     "knn_min_dist": "the nearest neighbour's distance (the model's distance and k)",
     "knn_weight_entropy": "entropy of the neighbours' softmax(-d/T) weights, nats",
     "knn_top_mass": "max_v p_kNN(v): the weight of the neighbours' most common value",
+    "knn_log_count": "log(1 + number of neighbours): log(1 + k) when searched, the live "
+                     "pointers' count when scored from pointers (models fitted with pointers)",
     "knn_lm_agreement": "log sum_v p_kNN(v) p_LM(v): how much p_LM the neighbours' values get",
     "lm_logp_knn_top": "log p_LM(v*), v* = argmax_v p_kNN(v) (the neighbours' best guess)",
     "knn_mass_lm_top": "p_kNN(argmax_v p_LM(v)): the neighbours' weight on the LM's best guess",
@@ -73,6 +82,8 @@ POST_FEATURES = {
 # POST features that compare the neighbours with p_LM: they need p_LM at the neighbours' values
 # and the LM's argmax (saved as PREFIX_lm_logp_nbrs / PREFIX_lm_argmax)
 AGREEMENT_FEATURES = ("knn_lm_agreement", "lm_logp_knn_top", "knn_mass_lm_top")
+# POST features that only vary when some tokens are scored from pointers (--knn-min-pointers)
+POINTER_FEATURES = ("knn_log_count",)
 FEATURES = {**PRE_FEATURES, **POST_FEATURES}
 KINDS = ("constant", "buckets", "mlp")
 
@@ -158,7 +169,8 @@ def knn_features(dists: torch.Tensor, temperature: float,
     any_ = finite.any(dim=1)
     zero = torch.zeros_like(dmin)
     out = {"knn_min_dist": torch.where(any_, dmin, zero),
-           "knn_weight_entropy": torch.where(any_, ent, zero)}
+           "knn_weight_entropy": torch.where(any_, ent, zero),
+           "knn_log_count": torch.log1p(finite.sum(1).float())}
     if values is not None:
         vals = values.to(d.device)
         mass, top = top_value(logw.exp().masked_fill(~finite, 0.0), vals)
@@ -297,6 +309,9 @@ class LambdaModel:
     freq: np.ndarray  # (V,) float32 log(1 + count) of each token in the datastore
     info: dict[str, Any] = field(default_factory=dict)
     temps: tuple[float, ...] = ()  # a MixHead's kNN temperatures; () with one lambda per token
+    # the --knn-min-pointers it was fitted under (its neighbours: pointers where at least that
+    # many were alive, else a search); None: fitted on neighbours searched for every token
+    min_pointers: Optional[int] = None
 
     @property
     def needs_lm_features(self) -> bool:
@@ -511,7 +526,7 @@ def save_model(path: PathLike, model: LambdaModel) -> None:
     meta = {"format": FORMAT, "version": VERSION, "kind": model.kind, "head": head_meta,
             "gate": gate_meta, "k": model.k, "temperature": model.temperature,
             "dist": model.dist, "vocab_size": int(len(model.freq)),
-            "temps": list(model.temps), **model.info}
+            "temps": list(model.temps), "min_pointers": model.min_pointers, **model.info}
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -546,18 +561,31 @@ def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
             if meta.get("gate") else None)
     info = {k: v for k, v in meta.items() if k not in (
         "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size",
-        "temps")}
+        "temps", "min_pointers")}
     return LambdaModel(kind=str(meta["kind"]), head=head, gate=gate, k=int(meta["k"]),
                        temperature=float(meta["temperature"]), dist=str(meta["dist"]),
                        freq=arrays["freq"].astype(np.float32), info=info,
-                       temps=tuple(float(t) for t in meta.get("temps", [])))
+                       temps=tuple(float(t) for t in meta.get("temps", [])),
+                       min_pointers=(int(meta["min_pointers"])
+                                     if meta.get("min_pointers") is not None else None))
 
 
 def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: float,
-                      sim_func: str, vocab_size: Optional[int] = None) -> None:
+                      sim_func: str, vocab_size: Optional[int] = None,
+                      min_pointers: Optional[int] = None, clusters: bool = False) -> None:
     """The run's --k, --knn-temp and --knn-sim-func must be those the model was fitted for
-    (its lambdas are only right for that p_kNN)."""
+    (its lambdas are only right for that p_kNN), and so must its pointer policy
+    (``min_pointers``: the run's --knn-min-pointers, None without --knn-pointers) for a model
+    fitted with pointers."""
     diffs = []
+    if model.min_pointers is not None:
+        if min_pointers != model.min_pointers:
+            run = (f"--knn-min-pointers {min_pointers}" if min_pointers is not None
+                   else "no --knn-pointers")
+            diffs.append(f"{run} (fitted for --knn-pointers --knn-min-pointers "
+                         f"{model.min_pointers})")
+        if clusters:
+            diffs.append("--knn-clusters (fitted on plain pointers)")
     if k != model.k:
         diffs.append(f"--k {k} (fitted for {model.k})")
     if not math.isclose(temperature, model.temperature, rel_tol=1e-9):

@@ -317,8 +317,7 @@ class KNNEvalRuntime:
         self.skip_below = float(t.knn_skip_below)
         if self.knnlm and t.knn_lambda_model:
             self.lambda_model = load_model(t.knn_lambda_model)
-            check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
-                              normalize_sim_func(t.knn_sim_func))
+            self._check_lambda_model()
             if self.skip_below > 0 and self.lambda_model.gate is None:
                 raise FlagError(f"--knn-skip-below: --knn-lambda-model {t.knn_lambda_model} "
                                 "has no gate (a head that predicts lambda before the search)")
@@ -365,12 +364,20 @@ class KNNEvalRuntime:
         self.dict_sha = dictionary_sha256(list(dictionary.symbols))
         self.dict_size = len(dictionary)
         if self.lambda_model is not None:
-            t = self.task_cfg
-            check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
-                              normalize_sim_func(t.knn_sim_func), vocab_size=self.dict_size)
+            self._check_lambda_model(vocab_size=self.dict_size)
         self.model_sha = sha256_file(self.checkpoint) if Path(self.checkpoint).exists() else None
         if self.retriever is not None:
             self._check_datastore_matches_model()
+
+    def _check_lambda_model(self, vocab_size: Optional[int] = None) -> None:
+        """The lambda model fits this run's flags (at start-up; with the dictionary's size
+        once the task is bound)."""
+        assert self.lambda_model is not None
+        t = self.task_cfg
+        check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
+                          normalize_sim_func(t.knn_sim_func), vocab_size=vocab_size,
+                          min_pointers=t.knn_min_pointers if t.knn_pointers else None,
+                          clusters=bool(t.knn_clusters))
 
     def _check_datastore_matches_model(self) -> None:
         assert self.retriever is not None and self.capture is not None

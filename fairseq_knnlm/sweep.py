@@ -46,7 +46,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -54,7 +54,15 @@ import torch
 from .errors import FlagError, KNNLMError
 from .knn import KNN_LOGP_FLOOR, recompute_distances
 from .memmaps import RowWriter, open_rows, write_json_atomic
-from .pointers import SEARCH, MinPointers, chains, count_modes, run_streams, stream_continues
+from .pointers import (
+    SEARCH,
+    MinPointers,
+    StreamResults,
+    chains,
+    count_modes,
+    run_streams,
+    stream_continues,
+)
 from .shards import ConcatRows, shard_prefix
 
 logger = logging.getLogger(__name__)
@@ -331,7 +339,8 @@ def knn_logp_for_ks(dists: np.ndarray, match: np.ndarray, ks: Sequence[int],
         lg, mm = logits[:, :kk], m[:, :kk]
         norm = _logsumexp(lg)
         tgt = _logsumexp(np.where(mm, lg, -np.inf))
-        out[kk] = np.where(mm.any(axis=1), tgt - norm, KNN_LOGP_FLOOR)
+        with np.errstate(invalid="ignore"):  # rows without neighbours: -inf - -inf
+            out[kk] = np.where(mm.any(axis=1), tgt - norm, KNN_LOGP_FLOOR)
     return out
 
 
@@ -504,6 +513,47 @@ def replay_pieces(fresh: np.ndarray, budget: int
     return pieces
 
 
+def pointer_passes(nb: Neighbors, ds: Any, policy: Any, budget: int = 8192,
+                   clusters: Any = None, preset_skip: Optional[np.ndarray] = None
+                   ) -> Iterator[tuple[int, int, np.ndarray, StreamResults]]:
+    """A full-search pass (``check_replay``) replayed under a pointer ``policy``
+    (pointers.SearchPolicy), piece by piece in text order: (lo, hi, the targets of tokens
+    lo..hi-1, their ``run_streams`` results). Searched steps read the saved FAISS results,
+    pointer steps measure exact L2 from the datastore ``ds``'s keys; ``preset_skip`` (n,)
+    bool: tokens a lambda model's gate skipped (as online)."""
+    if ds.keys is None:
+        raise FlagError("replaying pointers needs the datastore's keys")
+    k = int(nb.meta["k"])
+    continues = stream_continues(ds.pos)
+    vals = np.asarray(ds.vals[:, 0], dtype=np.int64)
+    fresh = np.asarray(nb.arrays["fresh"][:])
+    carry: Optional[np.ndarray] = None
+    for lo, hi, starts, lengths, cont in replay_pieces(fresh, budget):
+        tg = np.asarray(nb.arrays["targets"][lo:hi], dtype=np.int64)
+        q = torch.from_numpy(np.array(nb.arrays["queries"][lo:hi], dtype=np.float32))
+        ids_s = np.asarray(nb.arrays["ids"][lo:hi])
+        fd_s = np.asarray(nb.arrays["faiss_dists"][lo:hi])
+        l2_s = np.asarray(nb.arrays["l2_dists"][lo:hi])
+
+        def search(idx: np.ndarray, ids_s: np.ndarray = ids_s, fd_s: np.ndarray = fd_s,
+                   l2_s: np.ndarray = l2_s) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
+            ids = ids_s[idx]
+            d = np.where(ids >= 0, l2_s[idx], np.inf).astype(np.float32)
+            return ids, fd_s[idx], torch.from_numpy(d)
+
+        def distances(idx: np.ndarray, ids: np.ndarray, q: torch.Tensor = q) -> torch.Tensor:
+            return recompute_distances(q[torch.from_numpy(idx)], ids, ds.keys, "l2")
+
+        init = [carry if cont else None] + [None] * (len(starts) - 1)
+        res = run_streams(starts, lengths, init, tg,
+                          lambda idx, q=q: q[torch.from_numpy(idx)], search, distances,
+                          vals, continues, k, policy,
+                          expand=clusters.expand if clusters is not None else None,
+                          preset_skip=preset_skip[lo:hi] if preset_skip is not None else None)
+        carry = res.final[-1] if len(res.final) else None
+        yield lo, hi, tg, res
+
+
 def replay_pointers(nb: Neighbors, ds: Any, thresholds: Sequence[int],
                     lambdas: Sequence[float], temperatures: Sequence[float],
                     budget: int = 8192, clusters: Any = None) -> list[dict[str, Any]]:
@@ -518,40 +568,13 @@ def replay_pointers(nb: Neighbors, ds: Any, thresholds: Sequence[int],
     if ds.keys is None:
         raise FlagError("--pointer-thresholds needs the datastore's keys")
     k, n = int(nb.meta["k"]), nb.n
-    continues = stream_continues(ds.pos)
     vals = np.asarray(ds.vals[:, 0], dtype=np.int64)
-    fresh = np.asarray(nb.arrays["fresh"][:])
-    pieces = replay_pieces(fresh, budget)
     lm_all = np.asarray(nb.arrays["lm_logp"], dtype=np.float64)
     rows: list[dict[str, Any]] = []
     for thr in thresholds:
-        policy = MinPointers(int(thr))
         sums: dict[tuple[float, float], float] = {}
         modes_all = np.zeros(n, dtype=np.int8)
-        carry: Optional[np.ndarray] = None
-        for lo, hi, starts, lengths, cont in pieces:
-            tg = np.asarray(nb.arrays["targets"][lo:hi], dtype=np.int64)
-            q = torch.from_numpy(np.asarray(nb.arrays["queries"][lo:hi], dtype=np.float32))
-            ids_s = np.asarray(nb.arrays["ids"][lo:hi])
-            fd_s = np.asarray(nb.arrays["faiss_dists"][lo:hi])
-            l2_s = np.asarray(nb.arrays["l2_dists"][lo:hi])
-
-            def search(idx: np.ndarray, ids_s: np.ndarray = ids_s, fd_s: np.ndarray = fd_s,
-                       l2_s: np.ndarray = l2_s) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
-                ids = ids_s[idx]
-                d = np.where(ids >= 0, l2_s[idx], np.inf).astype(np.float32)
-                return ids, fd_s[idx], torch.from_numpy(d)
-
-            def distances(idx: np.ndarray, ids: np.ndarray, q: torch.Tensor = q
-                          ) -> torch.Tensor:
-                return recompute_distances(q[torch.from_numpy(idx)], ids, ds.keys, "l2")
-
-            init = [carry if cont else None] + [None] * (len(starts) - 1)
-            res = run_streams(starts, lengths, init, tg,
-                              lambda idx, q=q: q[torch.from_numpy(idx)], search, distances,
-                              vals, continues, k, policy,
-                              expand=clusters.expand if clusters is not None else None)
-            carry = res.final[-1] if len(res.final) else None
+        for lo, hi, tg, res in pointer_passes(nb, ds, MinPointers(int(thr)), budget, clusters):
             modes_all[lo:hi] = res.modes
             valid = res.ids >= 0
             match = valid & (vals[np.where(valid, res.ids, 0)] == tg[:, None])

@@ -149,11 +149,13 @@ def test_knn_features_against_numpy_with_missing_neighbours():
     d[9, :] = np.inf  # no neighbour at all
     temp = 7.0
     got = knn_features(torch.from_numpy(d), temp)
-    assert set(got) == {"knn_min_dist", "knn_weight_entropy"}  # no values, no p_LM given
+    # no values, no p_LM given
+    assert set(got) == {"knn_min_dist", "knn_weight_entropy", "knn_log_count"}
     for v in got.values():
         assert v.shape == (20,) and v.dtype == torch.float32 and torch.isfinite(v).all()
     for i in range(20):
         row = d[i][np.isfinite(d[i])].astype(np.float64)
+        assert float(got["knn_log_count"][i]) == pytest.approx(math.log1p(len(row)), rel=1e-6)
         if len(row) == 0:
             assert float(got["knn_min_dist"][i]) == 0.0
             assert float(got["knn_weight_entropy"][i]) == 0.0
@@ -527,6 +529,7 @@ def _models() -> dict[str, LambdaModel]:
         m.info = dict(info)
         if name == "mix":
             m.temps = (1.0, 3.5, 20.0)
+            m.min_pointers = 4  # fitted under --knn-pointers --knn-min-pointers 4
         out[name] = m
     return out
 
@@ -562,6 +565,7 @@ def test_save_load_round_trip(tmp_path, name):
     if name == "constant":
         assert got.head.lmbda == 1 / 3
     assert got.temps == model.temps
+    assert got.min_pointers == (4 if name == "mix" else None)
     if name == "mix":
         assert torch.equal(got.head.log_weights(x), model.head.log_weights(x))
 
@@ -696,6 +700,20 @@ def test_check_model_flags_names_each_mismatch():
     for _, words in cases[:2] + cases[3:]:
         assert words[0] in str(e.value)
     assert "--knn-sim-func dot" in str(e.value)
+
+
+def test_check_model_flags_wants_the_pointer_policy_the_model_was_fitted_under():
+    plain = _model(ConstantHead(0.25), k=16, temperature=10.0, dist="l2", vocab=20)
+    check_model_flags(plain, "m.npz", 16, 10.0, "l2", min_pointers=8)  # as before: allowed
+    model = _model(ConstantHead(0.25), k=16, temperature=10.0, dist="l2", vocab=20)
+    model.min_pointers = 1
+    check_model_flags(model, "m.npz", 16, 10.0, "l2", min_pointers=1)
+    for kw, words in [({}, "no --knn-pointers (fitted for --knn-pointers --knn-min-pointers 1)"),
+                      ({"min_pointers": 8}, "--knn-min-pointers 8 (fitted for"),
+                      ({"min_pointers": 1, "clusters": True}, "--knn-clusters (fitted on plain")]:
+        with pytest.raises(FlagError) as e:
+            check_model_flags(model, "m.npz", 16, 10.0, "l2", **kw)
+        assert words in str(e.value) and "--knn-lambda-model m.npz" in str(e.value)
 
 
 def test_uses_search_needs_lm_features_and_gate():

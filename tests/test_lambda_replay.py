@@ -336,3 +336,80 @@ def test_skipping_with_pointers(tiny, dstore, saved, caplog):
     assert m, line
     s, total, ptr, skipped = map(int, m.groups())
     assert total == n and skipped == n - s_plain and s + ptr + skipped == n and ptr > 0
+
+
+# ---- a model fitted with pointers (knnlm-fit-lambda --min-pointers) ----
+
+@pytest.fixture(scope="module")
+def saved_ptr(tiny, dstore, tmp_path_factory):
+    """Full-search passes saved with --knn-pointers (threshold above k: queries and stream
+    starts kept) over valid and test, and a temperature-mixing model fitted on valid for
+    --knn-min-pointers 1."""
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    d = tmp_path_factory.mktemp("lamptr")
+    for split in ("valid", "test"):
+        eval_lm_inprocess(eval_args(tiny, split, *_knn(
+            dstore, "--lmbda", "0.3", "--knn-pointers", "--knn-min-pointers", "9",
+            "--knn-save-neighbors", str(d / split))))
+    model = d / "mixptr.npz"
+    assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
+                     "--temps", "0.5,2,8", "--steps", "200", "--min-pointers", "1"]) == 0
+    return {"valid": d / "valid", "test": d / "test", "model": model}
+
+
+def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog, tmp_path):
+    """knnlm-sweep --lambda-model on a model fitted with --min-pointers 1 = eval-lm with
+    --knn-lambda-model --knn-pointers --knn-min-pointers 1 (and --knn-skip-below): same
+    searches, pointer tokens and perplexity; fewer searches than tokens."""
+    from fairseq_knnlm.cli.sweep import cli_main
+    from fairseq_knnlm.lambda_replay import _pre_x
+    from fairseq_knnlm.sweep import load_neighbors
+
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    path = saved_ptr["model"]
+    model = load_model(path)
+    assert model.min_pointers == 1 and "knn_log_count" in model.head.features
+    assert not set(AGREEMENT_FEATURES) & set(model.head.features)
+    nb = load_neighbors(saved_ptr["test"])
+    x = _pre_x(nb, model.freq, False)
+    gate = model.gate_lambdas({f: torch.from_numpy(x[f]) for f in model.gate.features}, nb.n)
+    taus = [0.0, round(float(np.quantile(gate.numpy(), 0.3)) + 1e-4, 6)]
+    out = tmp_path / "replay.json"
+    assert cli_main([str(saved_ptr["test"]), "--lambda-model", str(path), "--skip-below",
+                     ",".join(map(str, taus)), "--lambdas", "0.3", "--json", str(out)]) == 0
+    rows = {r["skip_below"]: r for r in json.loads(out.read_text())["rows"]}
+    for tau in taus:
+        online = eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+            dstore, "--knn-lambda-model", str(path), "--knn-pointers", "--knn-min-pointers",
+            "1", "--knn-skip-below", str(tau))))
+        line = [r.getMessage() for r in caplog.records
+                if "kNN-LM searches:" in r.getMessage()][-1]
+        s, n = _searches(caplog)
+        ptr = int(re.search(r"(\d+) from pointers", line).group(1))
+        r = rows[tau]
+        assert (r["searches"], r["pointer_tokens"], r["n_tokens"]) == (s, ptr, n), (tau, r)
+        assert r["ppl"] == pytest.approx(online["perplexity"], rel=1e-5), (tau, r)
+        assert 0 < s < n and ptr > 0
+    assert rows[taus[1]]["searches"] < rows[0.0]["searches"]
+
+
+def test_pointer_model_refusals(tiny, dstore, saved, saved_ptr, tmp_path, capsys):
+    """A pointer model without its policy in eval-lm; --min-pointers on a pass saved without
+    --knn-pointers; a bad --min-pointers."""
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    with pytest.raises(FlagError, match=re.escape(
+            "no --knn-pointers (fitted for --knn-pointers --knn-min-pointers 1)")):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+            dstore, "--knn-lambda-model", str(saved_ptr["model"]))))
+    with pytest.raises(FlagError, match=re.escape("--knn-min-pointers 4 (fitted for")):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+            dstore, "--knn-lambda-model", str(saved_ptr["model"]), "--knn-pointers",
+            "--knn-min-pointers", "4")))
+    out = str(tmp_path / "m.npz")
+    assert cli_main([str(saved["valid"]), "--out", out, "--temp", T, "--min-pointers", "1"]) == 2
+    assert "--knn-pointers --knn-min-pointers 9" in capsys.readouterr().err
+    assert cli_main([str(saved_ptr["valid"]), "--out", out, "--temp", T,
+                     "--min-pointers", "0"]) == 2
+    assert "--min-pointers must be >= 1" in capsys.readouterr().err

@@ -22,7 +22,10 @@ if [ ! -f "$SH_DSTORE.index.meta.json" ]; then
   knnlm-build-index --dstore-mmap "$SH_DSTORE" --faiss-index "$SH_DSTORE.index" --no-progress \
     2>&1 | tee "$LOG_DIR/shakespeare_index.log" | grep -E "ncentroids|wrote"
 fi
-KNN=(--knnlm --dstore-filename "$SH_DSTORE" --indexfile "$SH_DSTORE.index" --k 1024 --probe 32)
+# --knn-pointers with a threshold above k searches every token (plain kNN-LM) and saves the
+# queries and stream starts that 13_adaptive_lambda.sh replays pointer policies from
+KNN=(--knnlm --dstore-filename "$SH_DSTORE" --indexfile "$SH_DSTORE.index" --k 1024 --probe 32
+     --knn-pointers --knn-min-pointers 1025)
 fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset valid "${KNN[@]}" --lmbda 0.65 \
   --knn-save-neighbors "$SH_DIR/nbrs/valid" 2>&1 | tee "$LOG_DIR/shakespeare_knn_valid.log" | grep -E "Perplexity"
 knnlm-sweep "$SH_DIR/nbrs/valid" --lambdas 0,0.1,0.2,0.3,0.4,0.5,0.6,0.65,0.7,0.8,0.9,0.95 \

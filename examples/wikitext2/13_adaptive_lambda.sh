@@ -7,15 +7,20 @@
 #       features comparing the neighbours with p_LM; mix: that mlp sharing its lambda out among
 #       p_kNN at MIX_TEMPS), for the tuned k and T; knnlm-sweep --lambda-model on test at every
 #       --knn-skip-below in TAUS
+#       and mix fitted for pointers (--min-pointers N for N in PTR_MINS: the model sees what a
+#       run with --knn-pointers --knn-min-pointers N finds, and how many), replayed on test
+#       under that policy at each tau in PTR_TAUS (one pointer replay per tau)
 #   13e the same on tiny-shakespeare, from the neighbours 08_domain_adaptation.sh saved
 #   adaptive_table.py writes $RUN_DIR/adaptive_lambda/table.md and the plot.
 #   13f (issue #14) pointer thresholds replayed offline on valid from 13a's pass (its queries)
 # Nothing is tuned on test: the fixed lambda, T, k, the models and the thresholds' meaning come
-# from valid; test only reports. ~35 min on 2 cores (two kNN-LM passes; 13e reuses 08's).
+# from valid; test only reports. ~75 min on 2 cores (two kNN-LM passes; 13e reuses 08's).
 # Run: bash examples/wikitext2/13_adaptive_lambda.sh
 source "$(dirname "$0")/common.sh"
 NBR="$RUN_DIR/nbrs_lambda"; OUT="$RUN_DIR/adaptive_lambda"; mkdir -p "$NBR" "$OUT"
 MIX_TEMPS="${MIX_TEMPS:-1,3,10,30,100}"
+PTR_MINS="${PTR_MINS:-1 4}"
+PTR_TAUS="${PTR_TAUS:-0,0.2}"
 TAUS="${TAUS:-0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9}"
 LAMBDAS=0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95
 KNN=(--knnlm --dstore-filename "$DSTORE" --indexfile "$INDEX" --probe 32 --k 1024)
@@ -24,12 +29,17 @@ best_of() {  # best_of SWEEP_JSON -> "lambda temperature k"
 }
 fit_and_replay() {  # fit_and_replay NAME VALID_NBR TEST_NBR LAMBDA T K
   local name=$1 valid=$2 test=$3 lam=$4 temp=$5 k=$6
-  for kind in buckets mlp mix; do
-    local how=(--kind "$kind")
+  local ptr=()
+  for n in $PTR_MINS; do ptr+=("mixptr$n"); done
+  for kind in buckets mlp mix "${ptr[@]}"; do
+    local how=(--kind "$kind") taus="$TAUS"
     [ "$kind" != mix ] || how=(--kind mlp --temps "$MIX_TEMPS")
+    if [[ "$kind" == mixptr* ]]; then
+      how=(--kind mlp --temps "$MIX_TEMPS" --min-pointers "${kind#mixptr}"); taus="$PTR_TAUS"
+    fi
     knnlm-fit-lambda "$valid" --out "$OUT/${name}_$kind.npz" "${how[@]}" --k "$k" \
       --temp "$temp" --json "$OUT/${name}_${kind}_fit.json" | tee "$LOG_DIR/${name}_${kind}_fit.log"
-    knnlm-sweep "$test" --lambda-model "$OUT/${name}_$kind.npz" --skip-below "$TAUS" \
+    knnlm-sweep "$test" --lambda-model "$OUT/${name}_$kind.npz" --skip-below "$taus" \
       --lambdas "$lam" --json "$OUT/${name}_${kind}_test.json" | tee "$LOG_DIR/${name}_${kind}_test.log"
   done
 }

@@ -13,6 +13,15 @@ model also gets a gate, an MLP over the features known before the search (LM ent
 log-prob, context frequency), that --knn-skip-below thresholds; a head that needs no search
 is its own gate.
 
+Fewer searches with pointers (pointers.py): a model fitted with --min-pointers N sees what a
+run with --knn-pointers --knn-min-pointers N finds (the pass must be saved with
+--knn-pointers --knn-min-pointers K+1, which searches every token and keeps the queries):
+
+    knnlm-fit-lambda nbrs/valid --out lambda_ptr.npz --kind mlp --temp 10 --temps 1,3,10,30,100 \
+        --min-pointers 1
+    fairseq-eval-lm ... --knnlm --k 1024 --knn-temp 10 --knn-lambda-model lambda_ptr.npz \
+        --knn-pointers --knn-min-pointers 1
+
 The rows are split in text order: 70% fit, 10% early stopping, 20% held out; the held-out
 perplexities (LM, best fixed lambda, the model, and the gate's searches against perplexity)
 are printed and stored in the model file.
@@ -29,7 +38,13 @@ from typing import Optional
 
 from ..errors import FlagError, KNNLMError
 from ..lambda_model import FEATURES, KINDS, POST_FEATURES, freq_table, save_model
-from ..lambda_replay import datastore_values, fit_model, token_inputs
+from ..lambda_replay import (
+    datastore_values,
+    fit_model,
+    open_pass_datastore,
+    pointer_token_inputs,
+    token_inputs,
+)
 from ..sweep import load_neighbors
 
 logger = logging.getLogger(__name__)
@@ -60,6 +75,12 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--no-gate", action="store_true",
                    help="fit no gate (the model then cannot skip searches)")
+    p.add_argument("--min-pointers", type=int, default=None,
+                   help="fit for a run with --knn-pointers --knn-min-pointers N: the pass "
+                        "(saved with --knn-pointers --knn-min-pointers K+1) is replayed under "
+                        "that policy and the model sees each token's searched or pointer "
+                        "neighbours (and their count, knn_log_count); eval-lm must then use "
+                        "the same flags")
     p.add_argument("--dstore", default=None,
                    help="datastore for the context frequencies (default: the pass's own)")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -83,10 +104,19 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
         freq = freq_table(vals, vocab)
         temps = _floats(args.temps, "--temps") if args.temps else ()
-        inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
+        if args.min_pointers is None:
+            inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
+        else:
+            if args.min_pointers < 1:
+                raise FlagError(f"--min-pointers must be >= 1, got {args.min_pointers}")
+            if args.dist != "l2":
+                raise FlagError("--min-pointers: pointers are measured in exact L2 (--dist l2)")
+            ds = open_pass_datastore(nb, args.dstore, load_keys=True)
+            inp = pointer_token_inputs(nb, ds, freq, k, args.temp, args.min_pointers, temps)
         model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
+        model.min_pointers = args.min_pointers
     except (KNNLMError, OSError) as e:
         print(f"knnlm-fit-lambda: error: {e}", file=sys.stderr)
         return 2
@@ -103,6 +133,12 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     print(f"  LM ppl {held['lm']:.3f}; fixed lambda {report['fixed_lambda']:.3f}: "
           f"{held['fixed_lambda']:.3f}; model: {held['model']:.3f} "
           f"({100 * (held['model'] / held['fixed_lambda'] - 1):+.2f}%)")
+    if "held_out_modes" in report:
+        c = report["held_out_modes"]
+        print(f"  with --knn-pointers --knn-min-pointers {model.min_pointers}: searched "
+              f"{c['search']} of {report['rows']['held_out']} held-out tokens "
+              f"({100 * c['search'] / max(1, report['rows']['held_out']):.1f}%), "
+              f"{c['pointers']} from pointers")
     for r in report.get("held_out_skips", []):
         print(f"  gate: --knn-skip-below {r['skip_below']:<5g} searches "
               f"{100 * r['search_fraction']:5.1f}%  ppl {r['ppl']:.3f}")

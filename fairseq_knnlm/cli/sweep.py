@@ -30,7 +30,10 @@ Lambda models (knnlm-fit-lambda): from any pass that searched every token,
 
 replays --knn-lambda-model MODEL --knn-skip-below tau for every tau (equal to the online
 runs) next to the best fixed lambda of --lambdas (give the one tuned on valid) at the model's
-k and temperature, and --plot-dir writes ppl_vs_searches_lambda_model.png.
+k and temperature, and --plot-dir writes ppl_vs_searches_lambda_model.png. A model fitted
+with pointers (knnlm-fit-lambda --min-pointers N) is replayed under that pointer policy (the
+pass must be saved with --knn-pointers --knn-min-pointers K+1; its datastore's keys are read),
+once per tau: the searched fraction then also drops where pointers score a token.
 """
 
 from __future__ import annotations
@@ -278,19 +281,28 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
     """Rows of --lambda-model replayed at each --skip-below, and the best fixed lambda of
     --lambdas at the model's k, temperature and distance on the same tokens."""
     from ..lambda_model import load_model
-    from ..lambda_replay import replay, token_inputs
+    from ..lambda_replay import (
+        open_pass_datastore,
+        replay,
+        replay_with_pointers,
+        token_inputs,
+    )
 
     model = load_model(args.lambda_model, flag="--lambda-model")
     nb = load_neighbors(args.neighbors)
-    inp = token_inputs(nb, model.freq, model.k, model.temperature, model.dist,
-                       temps=model.temps)
-    rows = replay(inp, model, args.skip_below)
+    if model.min_pointers is None:
+        inp = token_inputs(nb, model.freq, model.k, model.temperature, model.dist,
+                           temps=model.temps)
+        rows = replay(inp, model, args.skip_below)
+    else:  # the pass replayed under the model's pointer policy, once per tau
+        ds = open_pass_datastore(nb, load_keys=True)
+        rows = replay_with_pointers(nb, ds, model, args.skip_below)
     fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
                   dist=model.dist)
     given = [r for r in fixed if r["lambda"] in args.lambdas]
     return {"n_tokens": nb.n, "lambda_model": str(args.lambda_model), "kind": model.kind,
             "k": model.k, "temperature": model.temperature, "dist": model.dist,
-            "best_fixed": min(given, key=lambda r: r["ppl"]),
+            "min_pointers": model.min_pointers, "best_fixed": min(given, key=lambda r: r["ppl"]),
             "base": best(fixed, **{"lambda": 0.0}), "rows": rows}
 
 
@@ -325,8 +337,10 @@ def lambda_main(args: argparse.Namespace) -> int:
         print(f"knnlm-sweep: error: {e}", file=sys.stderr)
         return 2
     bf, base = res["best_fixed"], res["base"]
-    print(f"{res['n_tokens']} tokens; k={res['k']}, T={res['temperature']:g}, {res['dist']}; "
-          + (f"LM ppl {base['ppl']:.3f}; " if base else "")
+    ptrs = (f", --knn-pointers --knn-min-pointers {res['min_pointers']}"
+            if res["min_pointers"] is not None else "")
+    print(f"{res['n_tokens']} tokens; k={res['k']}, T={res['temperature']:g}, {res['dist']}"
+          f"{ptrs}; " + (f"LM ppl {base['ppl']:.3f}; " if base else "")
           + f"best fixed lambda {bf['lambda']:g}: ppl {bf['ppl']:.3f}")
     print(f"{'skip-below':>10} {'searches':>9} {'searched':>9} {'ppl':>9} {'vs fixed':>9}")
     for r in res["rows"]:
