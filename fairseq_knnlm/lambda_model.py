@@ -312,6 +312,7 @@ class LambdaModel:
     # the --knn-min-pointers it was fitted under (its neighbours: pointers where at least that
     # many were alive, else a search); None: fitted on neighbours searched for every token
     min_pointers: Optional[int] = None
+    clusters: Optional[int] = None  # with pointers: the --knn-clusters' number of clusters
 
     @property
     def needs_lm_features(self) -> bool:
@@ -526,7 +527,8 @@ def save_model(path: PathLike, model: LambdaModel) -> None:
     meta = {"format": FORMAT, "version": VERSION, "kind": model.kind, "head": head_meta,
             "gate": gate_meta, "k": model.k, "temperature": model.temperature,
             "dist": model.dist, "vocab_size": int(len(model.freq)),
-            "temps": list(model.temps), "min_pointers": model.min_pointers, **model.info}
+            "temps": list(model.temps), "min_pointers": model.min_pointers,
+            "clusters": model.clusters, **model.info}
     arrays["meta"] = np.array(json.dumps(meta))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -561,21 +563,25 @@ def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
             if meta.get("gate") else None)
     info = {k: v for k, v in meta.items() if k not in (
         "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size",
-        "temps", "min_pointers")}
+        "temps", "min_pointers", "clusters")}
     return LambdaModel(kind=str(meta["kind"]), head=head, gate=gate, k=int(meta["k"]),
                        temperature=float(meta["temperature"]), dist=str(meta["dist"]),
                        freq=arrays["freq"].astype(np.float32), info=info,
                        temps=tuple(float(t) for t in meta.get("temps", [])),
                        min_pointers=(int(meta["min_pointers"])
-                                     if meta.get("min_pointers") is not None else None))
+                                     if meta.get("min_pointers") is not None else None),
+                       clusters=(int(meta["clusters"])
+                                 if meta.get("clusters") is not None else None))
 
 
 def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: float,
                       sim_func: str, vocab_size: Optional[int] = None,
-                      min_pointers: Optional[int] = None, clusters: bool = False) -> None:
+                      min_pointers: Optional[int] = None, clusters: Optional[int] = None
+                      ) -> None:
     """The run's --k, --knn-temp and --knn-sim-func must be those the model was fitted for
     (its lambdas are only right for that p_kNN), and so must its pointer policy
-    (``min_pointers``: the run's --knn-min-pointers, None without --knn-pointers) for a model
+    (``min_pointers``: the run's --knn-min-pointers, None without --knn-pointers;
+    ``clusters``: the number of clusters of its --knn-clusters, None without) for a model
     fitted with pointers."""
     diffs = []
     if model.min_pointers is not None:
@@ -584,8 +590,12 @@ def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: f
                    else "no --knn-pointers")
             diffs.append(f"{run} (fitted for --knn-pointers --knn-min-pointers "
                          f"{model.min_pointers})")
-        if clusters:
-            diffs.append("--knn-clusters (fitted on plain pointers)")
+        if clusters != model.clusters:
+            run = (f"--knn-clusters of {clusters} clusters" if clusters is not None
+                   else "no --knn-clusters")
+            fit = (f"fitted with --knn-clusters of {model.clusters} clusters"
+                   if model.clusters is not None else "fitted on plain pointers")
+            diffs.append(f"{run} ({fit})")
     if k != model.k:
         diffs.append(f"--k {k} (fitted for {model.k})")
     if not math.isclose(temperature, model.temperature, rel_tol=1e-9):

@@ -176,13 +176,15 @@ def token_inputs(nb: Neighbors, freq: np.ndarray, k: int, temperature: float,
 
 def pointer_token_inputs(nb: Neighbors, ds: Any, freq: np.ndarray, k: int, temperature: float,
                          min_pointers: int, temps: Sequence[float] = (),
-                         skip: Optional[np.ndarray] = None) -> TokenInputs:
+                         skip: Optional[np.ndarray] = None, clusters: Any = None
+                         ) -> TokenInputs:
     """``token_inputs`` of the neighbours a run with ``--knn-pointers --knn-min-pointers
     min_pointers`` finds: the full-search pass replayed (sweep.pointer_passes; its datastore
     ``ds`` with keys), each token's neighbours the saved search results or its pointers
     (exact L2), their features (knn_log_count among them) and modes; ``skip`` (n,) bool:
-    the tokens a gate skips (no kNN, no pointers after them). AGREEMENT_FEATURES are left out
-    (p_LM at the pointers' values was not saved)."""
+    the tokens a gate skips (no kNN, no pointers after them); ``clusters``
+    (pointers.Clusters): --knn-clusters. AGREEMENT_FEATURES are left out (p_LM at the
+    pointers' values was not saved)."""
     check_inputs(nb, k, temperature, "l2")
     check_replay(nb, [min_pointers], [0.0], [temperature, *temps])
     if k != int(nb.meta["k"]):
@@ -194,7 +196,7 @@ def pointer_token_inputs(nb: Neighbors, ds: Any, freq: np.ndarray, k: int, tempe
     x = _pre_x(nb, freq, False)
     modes = np.zeros(n, dtype=np.int8)
     for lo, hi, tg, res in pointer_passes(nb, ds, MinPointers(int(min_pointers)),
-                                          preset_skip=skip):
+                                          clusters=clusters, preset_skip=skip):
         valid = res.ids >= 0
         match = valid & (vals[np.where(valid, res.ids, 0)] == tg[:, None])
         _fill_knn(lo, hi, res.dists.numpy(), res.ids, match, vals, k, temperature, temps,
@@ -381,15 +383,19 @@ def replay(inp: TokenInputs, model: LambdaModel, taus: Sequence[float]
     return rows
 
 
-def replay_with_pointers(nb: Neighbors, ds: Any, model: LambdaModel, taus: Sequence[float]
-                         ) -> list[dict[str, Any]]:
+def replay_with_pointers(nb: Neighbors, ds: Any, model: LambdaModel, taus: Sequence[float],
+                         clusters: Any = None) -> list[dict[str, Any]]:
     """``replay`` for a model fitted with pointers (``model.min_pointers``): for each tau the
     pass is replayed under its pointer policy with the gate's skips (a skipped token leaves
     no pointers, as online), tokens scored by the model from their searched or pointer
-    neighbours, skipped ones by p_LM; rows also count the tokens scored from pointers."""
+    neighbours, skipped ones by p_LM; rows also count the tokens scored from pointers.
+    ``clusters`` (pointers.Clusters): those of a model fitted with --knn-clusters."""
     _check_taus(taus)
     if model.min_pointers is None:
         raise FlagError("replay_with_pointers: the model was fitted without pointers")
+    if (clusters.num_clusters if clusters is not None else None) != model.clusters:
+        raise FlagError(f"the lambda model was fitted with --knn-clusters of {model.clusters} "
+                        f"clusters; given {clusters.num_clusters if clusters else 'none'}")
     if model.needs_agreement:
         raise FlagError("a lambda model reading p_LM at the neighbours' values "
                         f"({', '.join(AGREEMENT_FEATURES)}) cannot be replayed with pointers")
@@ -399,7 +405,7 @@ def replay_with_pointers(nb: Neighbors, ds: Any, model: LambdaModel, taus: Seque
     for tau in taus:
         skip = gate < tau if tau > 0 and gate is not None else None
         inp = pointer_token_inputs(nb, ds, model.freq, model.k, model.temperature,
-                                   model.min_pointers, model.temps, skip)
+                                   model.min_pointers, model.temps, skip, clusters)
         check_features(inp, model.head.features, "the lambda model")
         assert inp.modes is not None
         nll = np.where(inp.modes == SKIP, -inp.lm, searched_nll(inp, model))

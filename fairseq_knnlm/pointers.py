@@ -281,6 +281,7 @@ class Clusters:
         self.order = np.asarray(order, dtype=np.int64)
         self.bounds = np.searchsorted(self.assign[self.order], np.arange(num_clusters + 1))
         self.per_cluster, self.limit = int(per_cluster), int(limit)
+        self.num_clusters = int(num_clusters)
 
     def members(self, cluster: int) -> np.ndarray:
         lo = self.bounds[cluster]

@@ -317,7 +317,6 @@ class KNNEvalRuntime:
         self.skip_below = float(t.knn_skip_below)
         if self.knnlm and t.knn_lambda_model:
             self.lambda_model = load_model(t.knn_lambda_model)
-            self._check_lambda_model()
             if self.skip_below > 0 and self.lambda_model.gate is None:
                 raise FlagError(f"--knn-skip-below: --knn-lambda-model {t.knn_lambda_model} "
                                 "has no gate (a head that predicts lambda before the search)")
@@ -332,6 +331,8 @@ class KNNEvalRuntime:
             if t.knn_min_pointers > t.k and not t.knn_clusters:
                 logger.info("--knn-min-pointers %d > --k %d: every token is searched (the "
                             "pointers are only followed to be saved)", t.knn_min_pointers, t.k)
+        if self.lambda_model is not None:
+            self._check_lambda_model()
         self.carried = CarriedPointers()
         self.capture: Optional[KeyCapture] = None
         self.task: Any = None
@@ -377,7 +378,8 @@ class KNNEvalRuntime:
         check_model_flags(self.lambda_model, t.knn_lambda_model, t.k, t.knn_temp,
                           normalize_sim_func(t.knn_sim_func), vocab_size=vocab_size,
                           min_pointers=t.knn_min_pointers if t.knn_pointers else None,
-                          clusters=bool(t.knn_clusters))
+                          clusters=(self.clusters.num_clusters if self.clusters is not None
+                                    else None))
 
     def _check_datastore_matches_model(self) -> None:
         assert self.retriever is not None and self.capture is not None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -530,6 +531,7 @@ def _models() -> dict[str, LambdaModel]:
         if name == "mix":
             m.temps = (1.0, 3.5, 20.0)
             m.min_pointers = 4  # fitted under --knn-pointers --knn-min-pointers 4
+            m.clusters = 40  # ... --knn-clusters of 40 clusters
         out[name] = m
     return out
 
@@ -566,6 +568,7 @@ def test_save_load_round_trip(tmp_path, name):
         assert got.head.lmbda == 1 / 3
     assert got.temps == model.temps
     assert got.min_pointers == (4 if name == "mix" else None)
+    assert got.clusters == (40 if name == "mix" else None)
     if name == "mix":
         assert torch.equal(got.head.log_weights(x), model.head.log_weights(x))
 
@@ -710,10 +713,17 @@ def test_check_model_flags_wants_the_pointer_policy_the_model_was_fitted_under()
     check_model_flags(model, "m.npz", 16, 10.0, "l2", min_pointers=1)
     for kw, words in [({}, "no --knn-pointers (fitted for --knn-pointers --knn-min-pointers 1)"),
                       ({"min_pointers": 8}, "--knn-min-pointers 8 (fitted for"),
-                      ({"min_pointers": 1, "clusters": True}, "--knn-clusters (fitted on plain")]:
+                      ({"min_pointers": 1, "clusters": 40},
+                       "--knn-clusters of 40 clusters (fitted on plain pointers)")]:
         with pytest.raises(FlagError) as e:
             check_model_flags(model, "m.npz", 16, 10.0, "l2", **kw)
         assert words in str(e.value) and "--knn-lambda-model m.npz" in str(e.value)
+    model.clusters = 40  # fitted with --knn-clusters of 40 clusters
+    check_model_flags(model, "m.npz", 16, 10.0, "l2", min_pointers=1, clusters=40)
+    for n, words in [(None, "no --knn-clusters (fitted with --knn-clusters of 40 clusters)"),
+                     (30, "--knn-clusters of 30 clusters (fitted with --knn-clusters of 40")]:
+        with pytest.raises(FlagError, match=re.escape(words)):
+            check_model_flags(model, "m.npz", 16, 10.0, "l2", min_pointers=1, clusters=n)
 
 
 def test_uses_search_needs_lm_features_and_gate():

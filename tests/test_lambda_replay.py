@@ -355,21 +355,35 @@ def saved_ptr(tiny, dstore, tmp_path_factory):
     model = d / "mixptr.npz"
     assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
                      "--temps", "0.5,2,8", "--steps", "200", "--min-pointers", "1"]) == 0
-    return {"valid": d / "valid", "test": d / "test", "model": model}
+    from fairseq_knnlm.cli.clusters import cli_main as clusters_main
+
+    cl = d / "clusters" / "c40"  # --knn-clusters: pointers stand for their clusters
+    assert clusters_main([str(dstore), str(cl), "--num-clusters", "40", "--niter", "5"]) == 0
+    clmodel = d / "mixcl.npz"
+    assert cli_main([str(d / "valid"), "--out", str(clmodel), "--kind", "mlp", "--temp", T,
+                     "--steps", "200", "--min-pointers", "4", "--clusters", str(cl)]) == 0
+    return {"valid": d / "valid", "test": d / "test", "model": model, "clusters": cl,
+            "clmodel": clmodel}
 
 
-def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog, tmp_path):
-    """knnlm-sweep --lambda-model on a model fitted with --min-pointers 1 = eval-lm with
-    --knn-lambda-model --knn-pointers --knn-min-pointers 1 (and --knn-skip-below): same
-    searches, pointer tokens and perplexity; fewer searches than tokens."""
+@pytest.mark.parametrize("which", ["plain", "clusters"])
+def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog, tmp_path,
+                                                which):
+    """knnlm-sweep --lambda-model on a model fitted with --min-pointers 1 (or 4 with
+    --clusters) = eval-lm with --knn-lambda-model --knn-pointers --knn-min-pointers N
+    (--knn-clusters) and --knn-skip-below: same searches, pointer tokens and perplexity;
+    fewer searches than tokens."""
     from fairseq_knnlm.cli.sweep import cli_main
     from fairseq_knnlm.lambda_replay import _pre_x
     from fairseq_knnlm.sweep import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
-    path = saved_ptr["model"]
+    path = saved_ptr["model" if which == "plain" else "clmodel"]
     model = load_model(path)
-    assert model.min_pointers == 1 and "knn_log_count" in model.head.features
+    policy = (("--knn-min-pointers", "1") if which == "plain" else
+              ("--knn-min-pointers", "4", "--knn-clusters", str(saved_ptr["clusters"])))
+    assert model.min_pointers == int(policy[1]) and "knn_log_count" in model.head.features
+    assert model.clusters == (None if which == "plain" else 40)
     assert not set(AGREEMENT_FEATURES) & set(model.head.features)
     nb = load_neighbors(saved_ptr["test"])
     x = _pre_x(nb, model.freq, False)
@@ -381,8 +395,8 @@ def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog,
     rows = {r["skip_below"]: r for r in json.loads(out.read_text())["rows"]}
     for tau in taus:
         online = eval_lm_inprocess(eval_args(tiny, "test", *_knn(
-            dstore, "--knn-lambda-model", str(path), "--knn-pointers", "--knn-min-pointers",
-            "1", "--knn-skip-below", str(tau))))
+            dstore, "--knn-lambda-model", str(path), "--knn-pointers", *policy,
+            "--knn-skip-below", str(tau))))
         line = [r.getMessage() for r in caplog.records
                 if "kNN-LM searches:" in r.getMessage()][-1]
         s, n = _searches(caplog)
@@ -391,7 +405,10 @@ def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog,
         assert (r["searches"], r["pointer_tokens"], r["n_tokens"]) == (s, ptr, n), (tau, r)
         assert r["ppl"] == pytest.approx(online["perplexity"], rel=1e-5), (tau, r)
         assert 0 < s < n and ptr > 0
-    assert rows[taus[1]]["searches"] < rows[0.0]["searches"]
+    r0, r1 = rows[0.0], rows[taus[1]]
+    assert r0["searches"] + r0["pointer_tokens"] == r0["n_tokens"]
+    # tau > 0: the gate skipped tokens (which leave no pointers: more searches may follow)
+    assert r1["searches"] + r1["pointer_tokens"] < r1["n_tokens"]
 
 
 def test_pointer_model_refusals(tiny, dstore, saved, saved_ptr, tmp_path, capsys):
@@ -407,7 +424,15 @@ def test_pointer_model_refusals(tiny, dstore, saved, saved_ptr, tmp_path, capsys
         eval_lm_inprocess(eval_args(tiny, "test", *_knn(
             dstore, "--knn-lambda-model", str(saved_ptr["model"]), "--knn-pointers",
             "--knn-min-pointers", "4")))
+    with pytest.raises(FlagError, match=re.escape(
+            "no --knn-clusters (fitted with --knn-clusters of 40 clusters)")):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+            dstore, "--knn-lambda-model", str(saved_ptr["clmodel"]), "--knn-pointers",
+            "--knn-min-pointers", "4")))
     out = str(tmp_path / "m.npz")
+    assert cli_main([str(saved_ptr["valid"]), "--out", out, "--temp", T, "--clusters",
+                     str(saved_ptr["clusters"])]) == 2
+    assert "--clusters extends the pointers: it needs --min-pointers" in capsys.readouterr().err
     assert cli_main([str(saved["valid"]), "--out", out, "--temp", T, "--min-pointers", "1"]) == 2
     assert "--knn-pointers --knn-min-pointers 9" in capsys.readouterr().err
     assert cli_main([str(saved_ptr["valid"]), "--out", out, "--temp", T,

@@ -10,7 +10,10 @@
 #       and mix fitted for pointers (--min-pointers N for N in PTR_MINS: the model sees what a
 #       run with --knn-pointers --knn-min-pointers N finds, and how many), replayed on test
 #       under that policy at each tau in PTR_TAUS (one pointer replay per tau)
-#   13e the same on tiny-shakespeare, from the neighbours 08_domain_adaptation.sh saved
+#   13e the same on tiny-shakespeare, from the neighbours 08_domain_adaptation.sh saved, and
+#       mix fitted for pointers with clusters (RetoMaton: knnlm-clusters, 2000 clusters; models
+#       mixclN for N in CL_MINS: --min-pointers N --clusters PREFIX); not on WikiText-2, whose
+#       2.09M keys would take longer to cluster than the rest of this step
 #   adaptive_table.py writes $RUN_DIR/adaptive_lambda/table.md and the plot.
 #   13f (issue #14) pointer thresholds replayed offline on valid from 13a's pass (its queries)
 # Nothing is tuned on test: the fixed lambda, T, k, the models and the thresholds' meaning come
@@ -21,21 +24,26 @@ NBR="$RUN_DIR/nbrs_lambda"; OUT="$RUN_DIR/adaptive_lambda"; mkdir -p "$NBR" "$OU
 MIX_TEMPS="${MIX_TEMPS:-1,3,10,30,100}"
 PTR_MINS="${PTR_MINS:-1 4}"
 PTR_TAUS="${PTR_TAUS:-0,0.2}"
+CL_MINS="${CL_MINS:-128 512}"
 TAUS="${TAUS:-0,0.02,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.5,0.6,0.7,0.8,0.9}"
 LAMBDAS=0,0.05,0.1,0.15,0.2,0.25,0.3,0.35,0.4,0.45,0.5,0.55,0.6,0.65,0.7,0.75,0.8,0.85,0.9,0.95
 KNN=(--knnlm --dstore-filename "$DSTORE" --indexfile "$INDEX" --probe 32 --k 1024)
 best_of() {  # best_of SWEEP_JSON -> "lambda temperature k"
   python -c "import json,sys; b=json.load(open(sys.argv[1]))['best']; print(b['lambda'], b['temperature'], b['k'])" "$1"
 }
-fit_and_replay() {  # fit_and_replay NAME VALID_NBR TEST_NBR LAMBDA T K
-  local name=$1 valid=$2 test=$3 lam=$4 temp=$5 k=$6
+fit_and_replay() {  # fit_and_replay NAME VALID_NBR TEST_NBR LAMBDA T K [CLUSTERS_PREFIX]
+  local name=$1 valid=$2 test=$3 lam=$4 temp=$5 k=$6 clusters=${7:-}
   local ptr=()
   for n in $PTR_MINS; do ptr+=("mixptr$n"); done
+  if [ -n "$clusters" ]; then for n in $CL_MINS; do ptr+=("mixcl$n"); done; fi
   for kind in buckets mlp mix "${ptr[@]}"; do
     local how=(--kind "$kind") taus="$TAUS"
     [ "$kind" != mix ] || how=(--kind mlp --temps "$MIX_TEMPS")
     if [[ "$kind" == mixptr* ]]; then
       how=(--kind mlp --temps "$MIX_TEMPS" --min-pointers "${kind#mixptr}"); taus="$PTR_TAUS"
+    elif [[ "$kind" == mixcl* ]]; then
+      how=(--kind mlp --temps "$MIX_TEMPS" --min-pointers "${kind#mixcl}" --clusters "$clusters")
+      taus="$PTR_TAUS"
     fi
     knnlm-fit-lambda "$valid" --out "$OUT/${name}_$kind.npz" "${how[@]}" --k "$k" \
       --temp "$temp" --json "$OUT/${name}_${kind}_fit.json" | tee "$LOG_DIR/${name}_${kind}_fit.log"
@@ -65,7 +73,10 @@ fit_and_replay wikitext2 "$NBR/valid" "$NBR/test" "$LAM" "$TEMP" "$KB"
 SH="$RUN_DIR/shakespeare"
 if [ -f "$SH/nbrs/test_meta.json" ] && [ -f "$RUN_DIR/sweep_shakespeare_valid.json" ]; then
   read -r SLAM STEMP SKB < <(best_of "$RUN_DIR/sweep_shakespeare_valid.json")
-  fit_and_replay shakespeare "$SH/nbrs/valid" "$SH/nbrs/test" "$SLAM" "$STEMP" "$SKB"
+  [ -f "$SH/clusters/train.c2k_meta.json" ] || knnlm-clusters "$SH/dstore/train" \
+    "$SH/clusters/train.c2k" --num-clusters 2000 | tee "$LOG_DIR/shakespeare_clusters.log"
+  fit_and_replay shakespeare "$SH/nbrs/valid" "$SH/nbrs/test" "$SLAM" "$STEMP" "$SKB" \
+    "$SH/clusters/train.c2k"
 else
   echo "13e skipped: run 08_domain_adaptation.sh first"
 fi

@@ -2,7 +2,8 @@
 
 For each setup (wikitext2, shakespeare) and lambda model (buckets; mlp; mix: an mlp sharing
 its lambda out among several kNN temperatures, knnlm-fit-lambda --temps; mixptrN: that mix
-fitted for --knn-pointers --knn-min-pointers N, knnlm-fit-lambda --min-pointers N), from
+fitted for --knn-pointers --knn-min-pointers N, knnlm-fit-lambda --min-pointers N; mixclN: the
+same with --knn-clusters), from
 ``knnlm-sweep --lambda-model ... --json``: test perplexity of the LM, of the fixed lambda tuned
 on valid, of the model at --knn-skip-below 0 (every token searched, or with pointers those
 without enough live pointers) and the fewest searches (largest --knn-skip-below) whose
@@ -20,17 +21,24 @@ SETUPS = {"wikitext2": "WikiText-2 test", "shakespeare": "tiny-shakespeare test"
 KINDS = ("buckets", "mlp", "mix")
 
 
+POINTER_KINDS = {"mixptr": "mix + pointers", "mixcl": "mix + pointers + clusters"}
+
+
 def kinds(out: Path, name: str) -> list[str]:
-    """The setup's models: KINDS, then the pointer ones (mixptrN) by N."""
-    ptr = sorted((f.name[len(name) + 1:-len("_test.json")]
-                  for f in out.glob(f"{name}_mixptr*_test.json")),
-                 key=lambda k: int(k[len("mixptr"):]))
-    return [k for k in KINDS if (out / f"{name}_{k}_test.json").exists()] + ptr
+    """The setup's models: KINDS, then the pointer ones (mixptrN, mixclN) by N."""
+    found = []
+    for pre in POINTER_KINDS:
+        found += sorted((f.name[len(name) + 1:-len("_test.json")]
+                         for f in out.glob(f"{name}_{pre}[0-9]*_test.json")),
+                        key=lambda k, pre=pre: int(k[len(pre):]))
+    return [k for k in KINDS if (out / f"{name}_{k}_test.json").exists()] + found
 
 
 def label(kind: str) -> str:
-    return (f"mix + pointers (--knn-min-pointers {kind[len('mixptr'):]})"
-            if kind.startswith("mixptr") else kind)
+    for pre, text in POINTER_KINDS.items():
+        if kind.startswith(pre) and kind[len(pre):].isdigit():
+            return f"{text} (--knn-min-pointers {kind[len(pre):]})"
+    return kind
 
 
 def rows_of(out: Path) -> list[str]:

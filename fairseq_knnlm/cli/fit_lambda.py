@@ -45,6 +45,7 @@ from ..lambda_replay import (
     pointer_token_inputs,
     token_inputs,
 )
+from ..pointers import load_clusters
 from ..sweep import load_neighbors
 
 logger = logging.getLogger(__name__)
@@ -81,6 +82,9 @@ def get_parser() -> argparse.ArgumentParser:
                         "that policy and the model sees each token's searched or pointer "
                         "neighbours (and their count, knn_log_count); eval-lm must then use "
                         "the same flags")
+    p.add_argument("--clusters", default=None,
+                   help="with --min-pointers: fit for --knn-clusters PREFIX (knnlm-clusters); "
+                        "eval-lm must then use the same clusters")
     p.add_argument("--dstore", default=None,
                    help="datastore for the context frequencies (default: the pass's own)")
     p.add_argument("--json", default=None, help="also write the report here")
@@ -104,6 +108,9 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
         freq = freq_table(vals, vocab)
         temps = _floats(args.temps, "--temps") if args.temps else ()
+        if args.clusters and args.min_pointers is None:
+            raise FlagError("--clusters extends the pointers: it needs --min-pointers")
+        clusters = None
         if args.min_pointers is None:
             inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
         else:
@@ -112,16 +119,21 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
             if args.dist != "l2":
                 raise FlagError("--min-pointers: pointers are measured in exact L2 (--dist l2)")
             ds = open_pass_datastore(nb, args.dstore, load_keys=True)
-            inp = pointer_token_inputs(nb, ds, freq, k, args.temp, args.min_pointers, temps)
+            clusters = (load_clusters(args.clusters, ds, limit=2 * k) if args.clusters
+                        else None)
+            inp = pointer_token_inputs(nb, ds, freq, k, args.temp, args.min_pointers, temps,
+                                       clusters=clusters)
         model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
         model.min_pointers = args.min_pointers
+        model.clusters = clusters.num_clusters if clusters is not None else None
     except (KNNLMError, OSError) as e:
         print(f"knnlm-fit-lambda: error: {e}", file=sys.stderr)
         return 2
     model.info = {"fitted_on": str(args.neighbors), "subset": nb.meta.get("subset"),
-                  "datastore": nb.meta.get("datastore"), "report": report}
+                  "datastore": nb.meta.get("datastore"), "report": report,
+                  "clusters_prefix": args.clusters}
     save_model(args.out, model)
     held = report["held_out_ppl"]
     uses = [f for f in model.head.features if f in POST_FEATURES]
@@ -135,7 +147,8 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
           f"({100 * (held['model'] / held['fixed_lambda'] - 1):+.2f}%)")
     if "held_out_modes" in report:
         c = report["held_out_modes"]
-        print(f"  with --knn-pointers --knn-min-pointers {model.min_pointers}: searched "
+        cl = f" --knn-clusters {args.clusters}" if args.clusters else ""
+        print(f"  with --knn-pointers --knn-min-pointers {model.min_pointers}{cl}: searched "
               f"{c['search']} of {report['rows']['held_out']} held-out tokens "
               f"({100 * c['search'] / max(1, report['rows']['held_out']):.1f}%), "
               f"{c['pointers']} from pointers")

@@ -113,7 +113,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="the datastore for --pointer-thresholds (default: the one the pass "
                         "used, from its meta file)")
     p.add_argument("--clusters", default=None,
-                   help="with --pointer-thresholds: replay --knn-clusters PREFIX")
+                   help="with --pointer-thresholds: replay --knn-clusters PREFIX; with "
+                        "--lambda-model: the clusters of a model fitted with them (default: "
+                        "the prefix it was fitted with)")
     p.add_argument("--lambda-model", default=None,
                    help="replay this knnlm-fit-lambda model (with --skip-below) instead of "
                         "sweeping fixed lambdas")
@@ -296,13 +298,23 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
         rows = replay(inp, model, args.skip_below)
     else:  # the pass replayed under the model's pointer policy, once per tau
         ds = open_pass_datastore(nb, load_keys=True)
-        rows = replay_with_pointers(nb, ds, model, args.skip_below)
+        clusters = None
+        if model.clusters is not None:  # --clusters, or the prefix the model was fitted with
+            from ..pointers import load_clusters
+
+            prefix = args.clusters or model.info.get("clusters_prefix")
+            if not prefix:
+                raise FlagError("the lambda model was fitted with --knn-clusters: pass "
+                                "--clusters PREFIX")
+            clusters = load_clusters(prefix, ds, limit=2 * model.k)
+        rows = replay_with_pointers(nb, ds, model, args.skip_below, clusters)
     fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
                   dist=model.dist)
     given = [r for r in fixed if r["lambda"] in args.lambdas]
     return {"n_tokens": nb.n, "lambda_model": str(args.lambda_model), "kind": model.kind,
             "k": model.k, "temperature": model.temperature, "dist": model.dist,
-            "min_pointers": model.min_pointers, "best_fixed": min(given, key=lambda r: r["ppl"]),
+            "min_pointers": model.min_pointers, "clusters": model.clusters,
+            "best_fixed": min(given, key=lambda r: r["ppl"]),
             "base": best(fixed, **{"lambda": 0.0}), "rows": rows}
 
 
@@ -338,6 +350,7 @@ def lambda_main(args: argparse.Namespace) -> int:
         return 2
     bf, base = res["best_fixed"], res["base"]
     ptrs = (f", --knn-pointers --knn-min-pointers {res['min_pointers']}"
+            + (f" --knn-clusters ({res['clusters']} clusters)" if res["clusters"] else "")
             if res["min_pointers"] is not None else "")
     print(f"{res['n_tokens']} tokens; k={res['k']}, T={res['temperature']:g}, {res['dist']}"
           f"{ptrs}; " + (f"LM ppl {base['ppl']:.3f}; " if base else "")
