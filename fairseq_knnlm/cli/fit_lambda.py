@@ -47,6 +47,7 @@ from ..lambda_replay import (
 )
 from ..pointers import load_clusters
 from ..sweep import load_neighbors
+from .sweep import floats
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def get_parser() -> argparse.ArgumentParser:
                    help="kNN temperature (eval-lm's --knn-temp must match; use the tuned one)")
     p.add_argument("--dist", choices=("l2", "faiss_l2"), default="l2",
                    help="distance of p_kNN (eval-lm's --knn-sim-func must match)")
-    p.add_argument("--temps", default=None,
+    p.add_argument("--temps", type=floats, default=None,
                    help="comma list of kNN temperatures to mix per token (--kind mlp): the "
                         "head then weighs p_LM and p_kNN at each (a lambda per token shared "
                         "out among them); --temp stays the features' and the gate's")
@@ -91,33 +92,26 @@ def get_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _floats(text: str, flag: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(t) for t in text.split(",") if t)
-    except ValueError:
-        raise FlagError(f"{flag}: a comma list of numbers, got {text!r}") from None
-
-
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
+        if args.clusters and args.min_pointers is None:
+            raise FlagError("--clusters extends the pointers: it needs --min-pointers")
+        if args.min_pointers is not None and args.min_pointers < 1:
+            raise FlagError(f"--min-pointers must be >= 1, got {args.min_pointers}")
+        if args.min_pointers is not None and args.dist != "l2":
+            raise FlagError("--min-pointers: pointers are measured in exact L2 (--dist l2)")
         nb = load_neighbors(args.neighbors)
         k = args.k or int(nb.meta["k"])
         features = [f for f in args.features.split(",") if f] if args.features else None
         vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
         freq = freq_table(vals, vocab)
-        temps = _floats(args.temps, "--temps") if args.temps else ()
-        if args.clusters and args.min_pointers is None:
-            raise FlagError("--clusters extends the pointers: it needs --min-pointers")
+        temps = tuple(args.temps or ())
         clusters = None
         if args.min_pointers is None:
             inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
         else:
-            if args.min_pointers < 1:
-                raise FlagError(f"--min-pointers must be >= 1, got {args.min_pointers}")
-            if args.dist != "l2":
-                raise FlagError("--min-pointers: pointers are measured in exact L2 (--dist l2)")
             ds = open_pass_datastore(nb, args.dstore, load_keys=True)
             clusters = (load_clusters(args.clusters, ds, limit=2 * k) if args.clusters
                         else None)
