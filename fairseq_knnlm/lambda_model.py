@@ -211,6 +211,13 @@ class ConstantHead:
         # does, so a constant model gives the numbers of --lmbda exactly
         return torch.full((n,), float(self.lmbda), dtype=torch.float64)
 
+    def log_weights(self, x: dict[str, torch.Tensor], n: Optional[int] = None
+                    ) -> torch.Tensor:
+        """(n, 2) float32 [log(1 - lambda), log lambda], taken in float64 (knn.interpolate's
+        numbers for a constant lambda)."""
+        assert n is not None
+        return lambda_log_weights(self.predict(x, n))
+
     def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"kind": "constant", "lambda": float(self.lmbda)}, {}
 
@@ -232,6 +239,11 @@ class BucketHead:
 
     def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         return torch.from_numpy(self.lambdas)[self.buckets(x[self.feature])]
+
+    def log_weights(self, x: dict[str, torch.Tensor], n: Optional[int] = None
+                    ) -> torch.Tensor:
+        """(n, 2) float32 [log(1 - lambda), log lambda] of each token's bucket."""
+        return lambda_log_weights(self.predict(x, len(x[self.feature])))
 
     def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return ({"kind": "buckets", "feature": self.feature},
@@ -262,7 +274,17 @@ class MLPHead:
         return self.outputs(x)[:, 0]
 
     def predict(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
+        """lambda = sigmoid(z) (float32: 1.0 exactly for z above ~17; the mixture reads
+        ``log_weights`` instead)."""
         return torch.sigmoid(self.logits(x))
+
+    def log_weights(self, x: dict[str, torch.Tensor], n: Optional[int] = None
+                    ) -> torch.Tensor:
+        """(n, 2) float32 [log(1 - lambda), log lambda] = [logsigmoid(-z), logsigmoid(z)]
+        from the logit z, as in training: finite for any finite z."""
+        z = self.logits(x)
+        logsig = torch.nn.functional.logsigmoid
+        return torch.stack([logsig(-z), logsig(z)], dim=1)
 
     def params(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {"mean": self.mean, "std": self.std}
@@ -279,7 +301,8 @@ class MixHead(MLPHead):
     distributions of several temperatures (sharp where the nearest neighbours should decide,
     flat where many should vote)."""
 
-    def log_weights(self, x: dict[str, torch.Tensor]) -> torch.Tensor:
+    def log_weights(self, x: dict[str, torch.Tensor], n: Optional[int] = None
+                    ) -> torch.Tensor:
         """(n, 1 + len(temps)) log weights, the LM's first."""
         return torch.log_softmax(self.outputs(x), dim=1)
 
@@ -332,11 +355,12 @@ class LambdaModel:
     def mixture_logp(self, x: dict[str, torch.Tensor], lm_logp: torch.Tensor,
                      knn_logps: torch.Tensor) -> torch.Tensor:
         """log p of the targets: ``knn_logps`` (n,) at the model's temperature, or (n, m) at
-        its ``temps`` for a MixHead (logsumexp of its log weights plus the components)."""
-        if isinstance(self.head, MixHead):
-            comps = torch.cat([lm_logp.float()[:, None], knn_logps.float()], dim=1)
-            return torch.logsumexp(self.head.log_weights(x).to(comps.device) + comps, dim=1)
-        return interpolate_per_token(lm_logp, knn_logps, self.lambdas(x, len(lm_logp)))
+        its ``temps`` for a MixHead; the one function the online run, the replay and the
+        fitter's held-out report call (``mix_log_prob`` of the head's log weights)."""
+        if isinstance(self.head, MixHead) and knn_logps.dim() != 2:
+            raise ValueError("a MixHead mixes log p_kNN at each of its temps: (n, m)")
+        lw = self.head.log_weights(x, len(lm_logp))
+        return mix_log_prob(lw, lm_logp, knn_logps)
 
     def gate_lambdas(self, x: dict[str, torch.Tensor], n: int) -> torch.Tensor:
         """(n,) float32 lambda predicted before the search (for --knn-skip-below)."""
@@ -347,19 +371,43 @@ class LambdaModel:
 
 # ---- interpolation with a lambda per token ----
 
+def lambda_log_weights(lmbda: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float32 [log(1 - lambda), log lambda] of lambdas in [0, 1], the logs taken in
+    float64 and rounded to float32 (as knn.interpolate does with a scalar lambda)."""
+    lam = lmbda.double()
+    with torch.no_grad():
+        return torch.stack([torch.log1p(-lam), torch.log(lam)], dim=1).float()
+
+
+def mix_log_prob(log_weights: torch.Tensor, lm_logp: torch.Tensor,
+                 knn_logps: torch.Tensor) -> torch.Tensor:
+    """log sum_c w_c p_c per token, in float32 log space: ``log_weights`` (n, C), the LM's
+    first; components log p_LM (n,) and log p_kNN (n,) (C = 2) or (n, C - 1). With two
+    components: logaddexp(log p_LM + log(1-lambda), log p_kNN + log lambda), and a weight of
+    exactly 0 (log -inf) gives the other component exactly (lambda 0: p_LM, lambda 1: p_kNN),
+    so a constant lambda gives knn.interpolate's numbers."""
+    lw = log_weights.float().to(lm_logp.device)
+    lm = lm_logp.float()
+    knn = knn_logps.float()
+    if knn.dim() == 1:
+        knn = knn[:, None]
+    if lw.shape[1] != 1 + knn.shape[1]:
+        raise ValueError(f"{lw.shape[1]} weights for {1 + knn.shape[1]} components")
+    if knn.shape[1] == 1:
+        out = torch.logaddexp(lm + lw[:, 0], knn[:, 0] + lw[:, 1])
+        out = torch.where(lw[:, 1] == float("-inf"), lm, out)
+        return torch.where(lw[:, 0] == float("-inf"), knn[:, 0], out)
+    comps = torch.cat([lm[:, None], knn], dim=1)
+    terms = (lw + comps).masked_fill(lw == float("-inf"), float("-inf"))
+    return torch.logsumexp(terms, dim=1)
+
+
 def interpolate_per_token(lm_logp: torch.Tensor, knn_logp: torch.Tensor,
                           lmbda: torch.Tensor) -> torch.Tensor:
     """log(lambda_i p_kNN + (1 - lambda_i) p_LM) per token, in float32 (lambda 0: p_LM,
     lambda 1: p_kNN exactly). The logs of lambda are taken in float64 and rounded to float32,
     as knn.interpolate does with a scalar lambda, so a constant lambda gives its numbers."""
-    lam = lmbda.double().to(lm_logp.device)
-    lm, knn = lm_logp.float(), knn_logp.float()
-    with torch.no_grad():
-        log_l = torch.log(lam).float()
-        log_1l = torch.log1p(-lam).float()
-    out = torch.logaddexp(lm + log_1l, knn + log_l)
-    out = torch.where(lam == 0, lm, out)
-    return torch.where(lam == 1, knn, out)
+    return mix_log_prob(lambda_log_weights(lmbda.to(lm_logp.device)), lm_logp, knn_logp)
 
 
 # ---- fitting (float64 numpy and float32 torch; no fairseq) ----
@@ -488,11 +536,16 @@ def fit_mlp(x_fit: dict[str, np.ndarray], lm_fit: np.ndarray, knn_fit: np.ndarra
 
 
 def head_nll(head: Head, x: dict[str, np.ndarray], lm: np.ndarray, knn: np.ndarray) -> float:
-    """Mean mixture NLL of a head's lambdas (as predicted online, in float32)."""
+    """Mean mixture NLL of a head (``mix_log_prob`` of its log weights, as online, in
+    float32); ``knn`` (n,) or, for a MixHead, (n, m)."""
     n = len(lm)
-    lam = head.predict({f: torch.from_numpy(np.asarray(x[f], np.float32))
-                        for f in head.features}, n).numpy()
-    return float(mixture_nll(lm, knn, lam.astype(np.float64)).mean()) if n else 0.0
+    if not n:
+        return 0.0
+    lw = head.log_weights({f: torch.from_numpy(np.asarray(x[f], np.float32))
+                           for f in head.features}, n)
+    lp = mix_log_prob(lw, torch.from_numpy(np.asarray(lm, np.float32)),
+                      torch.from_numpy(np.asarray(knn, np.float32)))
+    return float(-lp.double().mean())
 
 
 # ---- the model file ----

@@ -37,7 +37,6 @@ from .lambda_model import (
     fit_buckets,
     fit_mlp,
     knn_features,
-    mixture_nll,
     uses_search,
 )
 from .pointers import SKIP, MinPointers, count_modes
@@ -301,12 +300,15 @@ def fit_model(inp: TokenInputs, kind: str, freq: np.ndarray, k: int, temperature
                             init_lambda=init, seed=seed)
     model = LambdaModel(kind=kind, head=head, gate=gate_head, k=k, temperature=temperature,
                         dist=dist, freq=np.asarray(freq, np.float32), temps=temps)
+    # the best fixed lambda scored by the same function on the same held-out tokens
+    constant = LambdaModel(kind="constant", head=ConstantHead(fixed), gate=None, k=k,
+                           temperature=temperature, dist=dist, freq=model.freq)
     report = {
         "rows": {"fit": a, "early_stop": b - a, "held_out": n - b},
         "fixed_lambda": fixed,
         "held_out_ppl": {
             "lm": _ppl(-held.lm),
-            "fixed_lambda": _ppl(mixture_nll(held.lm, held.knn, fixed)),
+            "fixed_lambda": _ppl(searched_nll(held, constant)),
             "model": _ppl(searched_nll(held, model)),
         },
     }
@@ -326,23 +328,19 @@ def _torch_x(x: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
 
 
 def searched_nll(inp: TokenInputs, model: LambdaModel) -> np.ndarray:
-    """(n,) float64 -log p of each token when searched, as the model mixes online."""
+    """(n,) float64 -log p of each token when searched, as the model mixes online
+    (``LambdaModel.mixture_logp``, float32, from the head's log weights)."""
     xt = _torch_x(inp.x)
     if isinstance(model.head, MixHead):
         if inp.knns is None or tuple(inp.temps) != tuple(model.temps):
             raise FlagError("the lambda model mixes temperatures "
                             f"{list(model.temps)}: token_inputs(temps=...) must give them")
-        logw = model.head.log_weights(xt).numpy().astype(np.float64)
-        comps = np.concatenate([inp.lm[:, None], inp.knns], axis=1)
-        return -_logsumexp_rows(logw + comps)
-    lam = model.lambdas(xt, len(inp)).numpy().astype(np.float64)
-    return mixture_nll(inp.lm, inp.knn, lam)
-
-
-def _logsumexp_rows(a: np.ndarray) -> np.ndarray:
-    mx = a.max(axis=1, keepdims=True)
-    mx = np.where(np.isfinite(mx), mx, 0.0)
-    return (mx + np.log(np.exp(a - mx).sum(axis=1, keepdims=True)))[:, 0]
+        knn = inp.knns
+    else:
+        knn = inp.knn
+    lp = model.mixture_logp(xt, torch.from_numpy(np.asarray(inp.lm, np.float32)),
+                            torch.from_numpy(np.asarray(knn, np.float32)))
+    return -lp.numpy().astype(np.float64)
 
 
 def _check_taus(taus: Sequence[float]) -> None:

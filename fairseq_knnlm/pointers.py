@@ -182,8 +182,9 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     the pointer steps (distances, sort) and of the bookkeeping; ``search`` times itself.
     ``expand`` (``Clusters.expand``) turns each step's pointers (u, c) into candidates
     (u, c'), which the policy counts and a pointer step measures (the k nearest kept).
-    ``preset_skip`` (n,) bool marks tokens whose mode is SKIP whatever the policy says (a
-    lambda model's gate decided before the search, lambda_model.py).
+    ``preset_skip`` (n,) bool marks tokens whose search is skipped (a lambda model's gate
+    decided before the search, lambda_model.py): those the policy would search become SKIP;
+    those scored from their pointers keep them.
     """
     n = len(targets)
     starts_a = np.asarray(starts, dtype=np.int64)
@@ -209,8 +210,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         cand = expand(compact(ptrs[rows])) if expand is not None else ptrs[rows]
         counts = (cand >= 0).sum(axis=1)
         m = policy.decide(counts, queries(idx))
-        if preset_skip is not None:
-            m = np.where(preset_skip[idx], SKIP, m).astype(np.int8)
+        if preset_skip is not None:  # the gate decides only the tokens the policy searches
+            m = np.where(preset_skip[idx] & (m == SEARCH), SKIP, m).astype(np.int8)
         modes[idx], n_ptr[idx] = m, counts
         t1 = clock()
         t_book += t1 - t0

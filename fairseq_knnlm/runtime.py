@@ -38,6 +38,7 @@ from .datastore import (
 )
 from .errors import FlagError
 from .eval_progress import EvalProgress
+from .finite import check_finite, nonfinite_reason
 from .hooks import KeyCapture, find_decoder, parse_keytype, resolve_keytype
 from .knn import interpolate, normalize_sim_func, recompute_distances
 from .lambda_model import (
@@ -346,6 +347,8 @@ class KNNEvalRuntime:
         self.mode_counts = {"search": 0, "pointers": 0, "skip": 0}  # kNN-LM tokens by mode
         self.sum_logp = {"lm": 0.0, "final": 0.0}
         self.observers: list[BatchObserver] = []
+        # the lambda model's lambdas of the batch being scored (computed only if needed)
+        self._batch_lambdas: Optional[Callable[[], torch.Tensor]] = None
 
     def add_observer(self, observer: BatchObserver) -> None:
         """Call ``observer(ScoredBatch)`` after every scored batch (kNN-LM or cache runs)."""
@@ -497,6 +500,8 @@ class KNNEvalRuntime:
                 final = interpolate_cache(final, cache_lp, self.task_cfg.cache_lmbda)
             if self.nbr_writer is not None and retrieved is not None:
                 self._save_neighbors(b, lm, retrieved, cache_lp)
+            check_finite(final, lambda i: self._nonfinite_line(sample, b, i, lm, knn_lp,
+                                                               cache_lp, final, retrieved))
             self.sum_logp["lm"] += float(lm.sum())
             self.sum_logp["final"] += float(final.sum())
             self.n_scored += len(final)
@@ -553,6 +558,7 @@ class KNNEvalRuntime:
         if self.retriever is None:
             return lm, None, None
         x, skip = self._lambda_inputs(b)
+        self._batch_lambdas = None
         if self.policy is None:
             if skip is None:
                 knn_lp, retrieved = self.retriever.score(b.queries, b.targets)
@@ -577,10 +583,40 @@ class KNNEvalRuntime:
                 b.lm_top if agree else None))
             final = self.lambda_model.mixture_logp(x, lm, self._knn_at_temps(knn_lp, b,
                                                                              retrieved))
+            model, n = self.lambda_model, len(lm)
+            self._batch_lambdas = lambda: model.lambdas(x, n)  # for a non-finite token's line
         if retrieved.modes is not None and (retrieved.modes == SKIP).any():
             skip = torch.from_numpy(retrieved.modes == SKIP).to(lm.device)
             final = torch.where(skip, lm.float(), final)  # no kNN for this token: p_LM
         return final, knn_lp, retrieved
+
+    def _nonfinite_line(self, sample: dict, b: _Batch, i: int, lm: torch.Tensor,
+                        knn_lp: Optional[torch.Tensor], cache_lp: Optional[torch.Tensor],
+                        final: torch.Tensor, retrieved: Optional[Retrieved]) -> str:
+        """The one line that stops a run at a token whose final log-probability is not
+        finite: its place in the subset's token stream, its target, and which of p_LM,
+        p_kNN, lambda or the cache made it so."""
+        t = self.task_cfg
+        pos = int(self._positions(sample, b)[i])
+        tgt = int(b.targets[i])
+        where = (f"token {pos} of the {self.subset} subset" if pos >= 0 else
+                 f"a token of block {int(sample['id'][0])} of the {self.subset} subset")
+        sym = self.task.target_dictionary[tgt] if self.task is not None else str(tgt)
+        knn = float(knn_lp[i]) if knn_lp is not None else None
+        lam: Optional[float] = float(t.lmbda) if knn is not None else None
+        source = f"--lmbda {t.lmbda:g}"
+        skipped = (retrieved is not None and retrieved.modes is not None
+                   and int(retrieved.modes[i]) == SKIP)
+        if skipped:
+            knn, lam = None, None
+        elif knn is not None and self._batch_lambdas is not None:
+            lam = float(self._batch_lambdas()[i])
+            source = f"--knn-lambda-model {t.knn_lambda_model}"
+        reason = nonfinite_reason(
+            float(lm[i]), knn, lam, float(cache_lp[i]) if cache_lp is not None else None,
+            float(t.cache_lmbda) if cache_lp is not None else None, lambda_source=source)
+        return (f"{where} (target {sym!r}) scores log p = {float(final[i]):g}: "
+                f"{reason}; stopped rather than print a non-finite perplexity")
 
     def _knn_at_temps(self, knn_lp: torch.Tensor, b: _Batch, retrieved: Retrieved
                       ) -> torch.Tensor:
@@ -803,7 +839,9 @@ class KNNEvalRuntime:
             return
         where = (f" (all {torch.distributed.get_world_size()} ranks)" if distributed else
                  f" (shard {self.shard_id} of {self.num_shards})" if self.num_shards > 1 else "")
-        logger.info("kNN-LM%s: %d tokens; LM ppl %.4f -> final ppl %.4f", where, n,
+        what = " + ".join(name for name, on in (("kNN-LM", self.knnlm),
+                                                ("continuous cache", self.cache)) if on)
+        logger.info("%s%s: %d tokens; LM ppl %.4f -> final ppl %.4f", what, where, n,
                     ppl_from_nll(-totals["lm"] / n), ppl_from_nll(-totals["final"] / n))
         if self.retriever is not None:
             logger.info("%s%s", searches_line(int(totals["mode_search"]), n),

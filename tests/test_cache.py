@@ -41,3 +41,17 @@ def test_next_tokens_fills_context_positions():
 def test_interpolate_cache_zero_is_identity():
     base = torch.tensor([-1.0, -2.0])
     assert torch.equal(interpolate_cache(base, torch.tensor([-5.0, -0.1]), 0.0), base)
+
+
+def test_a_cache_only_pass_logs_its_summary_as_the_cache(tiny, caplog):
+    """The summary of a --knn-cache pass without --knnlm is the cache's, not 'kNN-LM'."""
+    import logging
+
+    from conftest import eval_args, eval_lm_inprocess
+
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    res = eval_lm_inprocess(eval_args(tiny, "test", "--knn-cache", "--cache-lmbda", "0.2"))
+    lines = [r.getMessage() for r in caplog.records if "tokens; LM ppl" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("continuous cache: "), lines
+    assert f"final ppl {res['perplexity']:.2f}" in lines[0] or math.isclose(
+        float(lines[0].rsplit(" ", 1)[1]), res["perplexity"], rel_tol=1e-4)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
@@ -43,7 +44,9 @@ def _searches(caplog) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def saved(tiny, dstore, tmp_path_factory):
-    """Neighbours of full passes over valid and test (k 8), and an MLP model fitted on valid."""
+    """Neighbours of full passes over valid and test (k 8), and an MLP model fitted on valid
+    (with --force: on this tiny setup a 200-step fit may be worse than the fixed lambda, and
+    these tests need a model whatever its quality)."""
     from fairseq_knnlm.cli.fit_lambda import cli_main
 
     d = tmp_path_factory.mktemp("lam")
@@ -52,10 +55,10 @@ def saved(tiny, dstore, tmp_path_factory):
                                     "--knn-save-neighbors", str(d / split)))
     model = d / "mlp.npz"
     assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
-                     "--steps", "200", "--json", str(d / "mlp.json")]) == 0
+                     "--steps", "200", "--json", str(d / "mlp.json"), "--force"]) == 0
     mix = d / "mix.npz"  # lambda shared out among three temperatures
     assert cli_main([str(d / "valid"), "--out", str(mix), "--kind", "mlp", "--temp", T,
-                     "--temps", "0.5,2,8", "--steps", "200"]) == 0
+                     "--temps", "0.5,2,8", "--steps", "200", "--force"]) == 0
     return {"dir": d, "valid": d / "valid", "test": d / "test", "mlp": model, "mix": mix}
 
 
@@ -215,9 +218,24 @@ def test_fit_lambda_writes_a_model_and_its_report(saved, tmp_path, capsys, kind)
 
     out = tmp_path / f"{kind}.npz"
     extra = ["--buckets", "4"] if kind == "buckets" else ["--steps", "100"]
-    assert cli_main([str(saved["valid"]), "--out", str(out), "--kind", kind, "--temp", T,
-                     *extra]) == 0
-    text = capsys.readouterr().out
+    argv = [str(saved["valid"]), "--out", str(out), "--kind", kind, "--temp", T, *extra]
+    rc = cli_main(argv)
+    cap = capsys.readouterr()
+    held = re.search(r"best fixed lambda [0-9.]+: ppl ([0-9.]+); model: ppl ([0-9.]+) "
+                     r"\(([+-][0-9.]+), ", cap.out)
+    assert held, cap.out
+    fixed, got, diff = map(float, held.groups())
+    assert diff == pytest.approx(got - fixed, abs=2e-3)
+    if got > fixed:  # worse than the fixed lambda: refused in one line, nothing written
+        assert rc == 1 and not out.exists()
+        errs = cap.err.strip().splitlines()
+        assert len(errs) == 1 and "worse than the best fixed lambda" in errs[0]
+        assert cli_main([*argv, "--force"]) == 0
+        text = capsys.readouterr().out
+        assert "saved with --force" in load_model(out).info["forced"]
+    else:
+        assert rc == 0
+        text = cap.out
     assert "held-out" in text and f"wrote {out}" in text
     m = load_model(out)
     assert (m.kind, m.k, m.temperature, m.dist) == (kind, 8, 2.0, "l2")
@@ -335,7 +353,16 @@ def test_skipping_with_pointers(tiny, dstore, saved, caplog):
                   line)
     assert m, line
     s, total, ptr, skipped = map(int, m.groups())
-    assert total == n and skipped == n - s_plain and s + ptr + skipped == n and ptr > 0
+    # the gate decides only the tokens the pointers would search: tokens with pointers keep
+    # them, so fewer are skipped than without pointers, and none is searched that the gate
+    # skipped without pointers
+    assert total == n and s + ptr + skipped == n and ptr > 0
+    assert 0 < skipped < n - s_plain
+    eval_lm_inprocess(eval_args(tiny, "test", *_knn(
+        dstore, "--knn-lambda-model", str(saved["mlp"])), "--knn-pointers",
+        "--knn-min-pointers", "1"))
+    s0, _ = _searches(caplog)
+    assert s <= s0  # a threshold above 0 never searches more than none
 
 
 # ---- a model fitted with pointers (knnlm-fit-lambda --min-pointers) ----
@@ -354,14 +381,16 @@ def saved_ptr(tiny, dstore, tmp_path_factory):
             "--knn-save-neighbors", str(d / split))))
     model = d / "mixptr.npz"
     assert cli_main([str(d / "valid"), "--out", str(model), "--kind", "mlp", "--temp", T,
-                     "--temps", "0.5,2,8", "--steps", "200", "--min-pointers", "1"]) == 0
+                     "--temps", "0.5,2,8", "--steps", "200", "--min-pointers", "1",
+                     "--force"]) == 0
     from fairseq_knnlm.cli.clusters import cli_main as clusters_main
 
     cl = d / "clusters" / "c40"  # --knn-clusters: pointers stand for their clusters
     assert clusters_main([str(dstore), str(cl), "--num-clusters", "40", "--niter", "5"]) == 0
     clmodel = d / "mixcl.npz"
     assert cli_main([str(d / "valid"), "--out", str(clmodel), "--kind", "mlp", "--temp", T,
-                     "--steps", "200", "--min-pointers", "4", "--clusters", str(cl)]) == 0
+                     "--steps", "200", "--min-pointers", "4", "--clusters", str(cl),
+                     "--force"]) == 0
     return {"valid": d / "valid", "test": d / "test", "model": model, "clusters": cl,
             "clmodel": clmodel}
 
@@ -438,3 +467,90 @@ def test_pointer_model_refusals(tiny, dstore, saved, saved_ptr, tmp_path, capsys
     assert cli_main([str(saved_ptr["valid"]), "--out", out, "--temp", T,
                      "--min-pointers", "0"]) == 2
     assert "--min-pointers must be >= 1" in capsys.readouterr().err
+
+
+# ---- finite or refused (issue 23) ----
+
+def _huge_head(z: float):
+    from fairseq_knnlm.lambda_model import MLPHead
+
+    return MLPHead(("lm_entropy",), np.zeros(1, np.float32), np.ones(1, np.float32),
+                   [np.zeros((1, 1), np.float32)], [np.array([z], np.float32)])
+
+
+@pytest.mark.parametrize("z", [50.0, 100.0, -50.0, -100.0])
+def test_huge_logits_are_finite_and_equal_online_in_the_replay_and_the_fitter(
+        tiny, dstore, saved, tmp_path, z):
+    """lambda = sigmoid(z) rounds to 1 in float32 for z > ~17: the mixture is taken from the
+    logit in log space, by one function online, in the replay and in the fitter's held-out
+    evaluation, so all three give the same finite perplexity (before: Perplexity inf)."""
+    from fairseq_knnlm.lambda_model import head_nll
+    from fairseq_knnlm.lambda_replay import replay, searched_nll, token_inputs
+    from fairseq_knnlm.sweep import load_neighbors, ppl_from_nll
+
+    head = _huge_head(z)
+    vocab = _vocab(tiny)
+    path = tmp_path / "huge.npz"
+    model = LambdaModel(kind="mlp", head=head, gate=None, k=8, temperature=2.0, dist="l2",
+                        freq=np.zeros(vocab, dtype=np.float32))
+    save_model(path, model)
+    online = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--knn-lambda-model",
+                                                             str(path))))
+    inp = token_inputs(load_neighbors(saved["test"]), model.freq, 8, 2.0)
+    replayed = replay(inp, load_model(path), [0.0])[0]["ppl"]
+    fitter = ppl_from_nll(head_nll(head, inp.x, inp.lm, inp.knn))
+    searched = ppl_from_nll(float(searched_nll(inp, model).mean()))
+    for ppl in (online["perplexity"], replayed, fitter, searched):
+        assert math.isfinite(ppl)
+    assert replayed == pytest.approx(online["perplexity"], rel=1e-5)
+    assert fitter == pytest.approx(replayed, rel=1e-6) and searched == replayed
+
+
+def test_fit_lambda_refuses_a_model_worse_than_the_fixed_lambda(tiny, dstore, saved, tmp_path,
+                                                                 capsys, monkeypatch):
+    """A fitted head that puts lambda at ~1 everywhere (as a diverged fit would) is worse
+    than the best fixed lambda on the held-out tokens: one line, exit 1, no file; --force
+    saves it and says so in the file; eval-lm with it still prints a finite perplexity."""
+    import fairseq_knnlm.lambda_replay as lr
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    real = lr.fit_mlp
+
+    def diverged(*a, **kw):
+        h = real(*a, **kw)
+        h.weights[-1][:] = 0.0
+        h.biases[-1][:] = 60.0
+        return h
+
+    monkeypatch.setattr(lr, "fit_mlp", diverged)
+    out = tmp_path / "bad.npz"
+    argv = [str(saved["valid"]), "--out", str(out), "--kind", "mlp", "--steps", "20"]
+    assert cli_main(argv) == 1
+    cap = capsys.readouterr()
+    errs = cap.err.strip().splitlines()
+    assert len(errs) == 1 and not out.exists(), cap.err
+    assert re.search(r"worse than the best fixed lambda [0-9.]+ on the held-out tokens \(ppl "
+                     r"[0-9.]+ vs [0-9.]+\).*--force", errs[0])
+    assert "not finite" not in cap.out and "inf" not in cap.out.replace("info", "")
+    assert cli_main([*argv, "--force"]) == 0
+    assert "saved with --force" in capsys.readouterr().out
+    m = load_model(out)
+    assert m.info["forced"].startswith("saved with --force: the model is worse")
+    res = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "--knn-lambda-model",
+                                                          str(out))))
+    assert math.isfinite(res["perplexity"])
+
+
+def test_fit_lambda_takes_k_and_temperature_from_the_neighbours(saved, tmp_path, capsys):
+    """Without --k/--temp the model gets the pass's k and --knn-temp (8, 2: before, T 1,
+    which eval-lm then refused against --knn-temp 2); --k above the saved k is refused."""
+    from fairseq_knnlm.cli.fit_lambda import cli_main
+
+    out = tmp_path / "c.npz"
+    assert cli_main([str(saved["valid"]), "--out", str(out), "--kind", "constant"]) == 0
+    m = load_model(out)
+    assert (m.k, m.temperature) == (8, 2.0)
+    assert "k=8, T=2," in capsys.readouterr().out
+    assert cli_main([str(saved["valid"]), "--out", str(out), "--kind", "constant",
+                     "--k", "9"]) == 2
+    assert "--k 9 outside 1..8" in capsys.readouterr().err

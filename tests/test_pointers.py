@@ -180,6 +180,28 @@ def test_pointers_follow_the_datastore_stream_and_stop_at_its_end(synth):
             assert res.dists[i, 0] == 0 and res.ids[i, 0] == r
 
 
+def test_a_gate_skip_leaves_pointer_tokens_their_pointers(synth):
+    """A lambda model's gate (preset_skip) decides only the tokens the policy would search:
+    a token scored from its pointers keeps them (once it dropped them, and the searches
+    they had saved came back later in the stream); a skipped searched token is SKIP."""
+    rows = np.arange(10, 40)
+    q = torch.from_numpy(synth["keys"][rows])
+    tg = synth["vals"][rows]
+    search, dist = _brute(synth, q, 3)
+    plain = _run(synth, q, tg, [0], [30], 3, MinPointers(1))
+    assert plain.modes[0] == SEARCH and (plain.modes[1:] == POINTERS).all()
+    every = np.ones(30, dtype=bool)  # the gate would skip every search
+    res = run_streams([0], [30], [None], tg, lambda i: q[torch.from_numpy(i)], search, dist,
+                      synth["vals"], synth["cont"], 3, MinPointers(1), preset_skip=every)
+    assert res.modes.tolist() == [SKIP] * 30  # no search, so no pointers after it
+    one = np.zeros(30, dtype=bool)
+    one[5:] = True  # the gate skips from token 5 on: tokens 1.. have pointers and keep them
+    res = run_streams([0], [30], [None], tg, lambda i: q[torch.from_numpy(i)], search, dist,
+                      synth["vals"], synth["cont"], 3, MinPointers(1), preset_skip=one)
+    assert np.array_equal(res.modes, plain.modes)
+    assert np.array_equal(res.ids, plain.ids) and torch.equal(res.dists, plain.dists)
+
+
 def test_streams_in_lockstep_equal_streams_one_by_one(synth):
     rng = np.random.default_rng(1)
     rows = np.concatenate([np.arange(10, 60), np.arange(100, 130), np.arange(350, 390)])

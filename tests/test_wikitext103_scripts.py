@@ -131,7 +131,11 @@ def test_small_pipeline_runs_every_script(tmp_path: Path) -> None:
             ppl[name, split] = float(found[-1])
             assert math.isfinite(ppl[name, split]) and ppl[name, split] > 1
             if "knnlm" in name:
-                assert re.search(r"kNN-LM: \d+ tokens; LM ppl [0-9.]+ -> final ppl", text)
+                assert re.search(r"kNN-LM( \+ continuous cache)?: \d+ tokens; LM ppl [0-9.]+ "
+                                 r"-> final ppl", text)
+            elif name == "cache":  # the cache alone logs its summary as the cache's
+                assert re.search(r"continuous cache: \d+ tokens; LM ppl", text)
+                assert "kNN-LM:" not in text
     assert "knnlm_cache" in (logs / "summary.txt").read_text()
     # the datastore has one row per token of the slice's train split (one </s> per line)
     lines = (run_dir / "slice" / "wiki.train.tokens").read_text(encoding="utf-8").splitlines()

@@ -14,7 +14,7 @@ CACHE_THETAS="${CACHE_THETAS:-0.01 0.03 0.1 0.3}"
 NBR="$RUN_DIR/nbrs"; mkdir -p "$NBR"
 evallm() {  # evallm SPLIT LOGNAME [extra flags...]
   local split=$1 name=$2; shift 2
-  fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset "$split" "$@" 2>&1 | tee "$LOG_DIR/$name.log" | grep -E "Perplexity|kNN-LM:"
+  fairseq-eval-lm "$DATA_BIN" "${EVAL_FLAGS[@]}" --gen-subset "$split" "$@" 2>&1 | tee "$LOG_DIR/$name.log" | grep -E "Perplexity|tokens; LM ppl"
 }
 ppl_of() { grep -oE "Perplexity: [0-9.]+" "$LOG_DIR/$1.log" | tail -1 | cut -d' ' -f2; }
 

@@ -15,6 +15,17 @@ from pathlib import Path
 from fairseq_knnlm.sweep import best, load_neighbors, sweep
 
 
+def format_row(name: str, s: dict, ppl: dict, base_test: float | None) -> str:
+    """One table row; k and T are blank where no kNN is used (lambda 0: the base LM, the
+    cache alone), since the sweep's row carries placeholders there."""
+    knn = s["lambda"] > 0
+    k = f"{s['k']}" if knn else ""
+    temp = f"{s['temperature']:g}" if knn else ""
+    gain = "" if base_test is None else f" ({100 * (1 - ppl['test'] / base_test):.1f}% lower)"
+    return (f"| {name} | {s['lambda']:g} | {k} | {temp} | {s['cache_lambda']:g} | "
+            f"{ppl['valid']:.2f} | {ppl['test']:.2f}{gain} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--valid-sweep", required=True)
@@ -43,9 +54,7 @@ def main() -> None:
             ppl[split] = r[0]["ppl"]
         if base_test is None:
             base_test = ppl["test"]
-        gain = "" if name == "Base LM" else f" ({100 * (1 - ppl['test'] / base_test):.1f}% lower)"
-        lines.append(f"| {name} | {s['lambda']:g} | {s['k']} | {s['temperature']:g} | "
-                     f"{s['cache_lambda']:g} | {ppl['valid']:.2f} | {ppl['test']:.2f}{gain} |")
+        lines.append(format_row(name, s, ppl, None if name == "Base LM" else base_test))
     text = "\n".join(lines)
     print(text)
     if a.out:

@@ -32,9 +32,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ..errors import FlagError, KNNLMError
 from ..lambda_model import FEATURES, KINDS, POST_FEATURES, freq_table, save_model
@@ -60,8 +61,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--kind", choices=KINDS, default="mlp")
     p.add_argument("--k", type=int, default=None,
                    help="neighbours per token (default: the saved k); eval-lm's --k must match")
-    p.add_argument("--temp", type=float, default=1.0,
-                   help="kNN temperature (eval-lm's --knn-temp must match; use the tuned one)")
+    p.add_argument("--temp", type=float, default=None,
+                   help="kNN temperature (default: the pass's --knn-temp, from the neighbour "
+                        "file; eval-lm's --knn-temp must match)")
     p.add_argument("--dist", choices=("l2", "faiss_l2"), default="l2",
                    help="distance of p_kNN (eval-lm's --knn-sim-func must match)")
     p.add_argument("--temps", type=floats, default=None,
@@ -89,7 +91,36 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--dstore", default=None,
                    help="datastore for the context frequencies (default: the pass's own)")
     p.add_argument("--json", default=None, help="also write the report here")
+    p.add_argument("--force", action="store_true",
+                   help="save the model even when its held-out perplexity is not finite or "
+                        "worse than the best fixed lambda's (the model file says so)")
     return p
+
+
+def settings_from_pass(nb: Any, k: Optional[int], temp: Optional[float]
+                       ) -> tuple[int, float]:
+    """--k and --temp, each defaulting to the value the pass was saved with (its meta)."""
+    saved_k = int(nb.meta["k"])
+    saved_t = nb.meta.get("temperature")
+    if temp is None:
+        if saved_t is None:
+            raise FlagError("the neighbour file does not record its --knn-temp: give --temp")
+        temp = float(saved_t)
+    return (saved_k if k is None else int(k)), float(temp)
+
+
+def verdict(report: dict[str, Any]) -> Optional[str]:
+    """Why the fitted model must not be saved (None: it may): a held-out perplexity that is
+    not finite, or one worse than the best fixed lambda's on the same held-out tokens."""
+    held = report["held_out_ppl"]
+    model, fixed = held["model"], held["fixed_lambda"]
+    if not math.isfinite(model):
+        return (f"the model's held-out perplexity is {model} (best fixed lambda "
+                f"{report['fixed_lambda']:.3f}: {fixed:.3f})")
+    if model > fixed:
+        return (f"the model is worse than the best fixed lambda {report['fixed_lambda']:.3f} "
+                f"on the held-out tokens (ppl {model:.3f} vs {fixed:.3f})")
+    return None
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:
@@ -103,21 +134,21 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         if args.min_pointers is not None and args.dist != "l2":
             raise FlagError("--min-pointers: pointers are measured in exact L2 (--dist l2)")
         nb = load_neighbors(args.neighbors)
-        k = args.k or int(nb.meta["k"])
+        k, temp = settings_from_pass(nb, args.k, args.temp)
         features = [f for f in args.features.split(",") if f] if args.features else None
         vals, vocab = datastore_values(nb, args.dstore)  # read once: frequencies and values
         freq = freq_table(vals, vocab)
         temps = tuple(args.temps or ())
         clusters = None
         if args.min_pointers is None:
-            inp = token_inputs(nb, freq, k, args.temp, args.dist, vals=vals, temps=temps)
+            inp = token_inputs(nb, freq, k, temp, args.dist, vals=vals, temps=temps)
         else:
             ds = open_pass_datastore(nb, args.dstore, load_keys=True)
             clusters = (load_clusters(args.clusters, ds, limit=2 * k) if args.clusters
                         else None)
-            inp = pointer_token_inputs(nb, ds, freq, k, args.temp, args.min_pointers, temps,
+            inp = pointer_token_inputs(nb, ds, freq, k, temp, args.min_pointers, temps,
                                        clusters=clusters)
-        model, report = fit_model(inp, args.kind, freq, k, args.temp, args.dist, features,
+        model, report = fit_model(inp, args.kind, freq, k, temp, args.dist, features,
                                   buckets=args.buckets, gate=not args.no_gate,
                                   hidden=args.hidden, steps=args.steps, seed=args.seed)
         model.min_pointers = args.min_pointers
@@ -125,20 +156,22 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     except (KNNLMError, OSError) as e:
         print(f"knnlm-fit-lambda: error: {e}", file=sys.stderr)
         return 2
+    refused = verdict(report)
     model.info = {"fitted_on": str(args.neighbors), "subset": nb.meta.get("subset"),
                   "datastore": nb.meta.get("datastore"), "report": report,
                   "clusters_prefix": args.clusters}
-    save_model(args.out, model)
+    if refused is not None and args.force:
+        model.info["forced"] = f"saved with --force: {refused}"
     held = report["held_out_ppl"]
     uses = [f for f in model.head.features if f in POST_FEATURES]
     mixed = f", mixing T {','.join(f'{t:g}' for t in model.temps)}" if model.temps else ""
     print(f"{args.kind} lambda model ({', '.join(model.head.features) or 'constant'}"
-          f"{'; needs the search' if uses else ''}), k={k}, T={args.temp:g}{mixed}, "
+          f"{'; needs the search' if uses else ''}), k={k}, T={temp:g}{mixed}, "
           f"{args.dist}; "
           f"held-out {report['rows']['held_out']} tokens:")
-    print(f"  LM ppl {held['lm']:.3f}; fixed lambda {report['fixed_lambda']:.3f}: "
-          f"{held['fixed_lambda']:.3f}; model: {held['model']:.3f} "
-          f"({100 * (held['model'] / held['fixed_lambda'] - 1):+.2f}%)")
+    print(f"  LM ppl {held['lm']:.3f}; best fixed lambda {report['fixed_lambda']:.3f}: "
+          f"ppl {held['fixed_lambda']:.3f}; model: ppl {_ppl_text(held['model'])} "
+          f"({_diff_text(held['model'], held['fixed_lambda'])} against the fixed lambda)")
     if "held_out_modes" in report:
         c = report["held_out_modes"]
         cl = f" --knn-clusters {args.clusters}" if args.clusters else ""
@@ -148,12 +181,27 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
               f"{c['pointers']} from pointers")
     for r in report.get("held_out_skips", []):
         print(f"  gate: --knn-skip-below {r['skip_below']:<5g} searches "
-              f"{100 * r['search_fraction']:5.1f}%  ppl {r['ppl']:.3f}")
-    print(f"wrote {args.out}")
+              f"{100 * r['search_fraction']:5.1f}%  ppl {_ppl_text(r['ppl'])}")
+    if refused is not None and not args.force:
+        print(f"knnlm-fit-lambda: error: {refused}: {args.out} not written (--force saves "
+              "it anyway)", file=sys.stderr)
+        return 1
+    save_model(args.out, model)
+    print(f"wrote {args.out}" + (f" ({model.info['forced']})" if refused else ""))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
     return 0
+
+
+def _ppl_text(ppl: float) -> str:
+    return f"{ppl:.3f}" if math.isfinite(ppl) else "not finite"
+
+
+def _diff_text(model: float, fixed: float) -> str:
+    if not (math.isfinite(model) and math.isfinite(fixed)):
+        return "no difference measurable"
+    return f"{model - fixed:+.3f}, {100 * (model / fixed - 1):+.2f}%"
 
 
 if __name__ == "__main__":
