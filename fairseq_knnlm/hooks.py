@@ -17,55 +17,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from .flags import DEFAULT_KEYTYPE, parse_keytype
+
 logger = logging.getLogger(__name__)
-
-# name -> (module attribute of the layer or decoder, "input" or "output", description)
-KEY_TYPES: dict[str, str] = {
-    "ffn_input_after_ln": "input of the FFN's first linear layer, after its LayerNorm "
-    "(paper Table 5 best)",
-    "ffn_input_before_ln": "the residual stream entering the FFN block, before its LayerNorm",
-    "ffn_output": "output of the FFN (second linear layer), before dropout and residual",
-    "attn_input_after_ln": "input of self-attention after its LayerNorm (MHSA input after LN)",
-    "attn_input_before_ln": "the layer's input, before the self-attention LayerNorm",
-    "attn_output": "output of self-attention, before dropout and residual",
-    "model_output": "output of the layer (for the last layer: the model output before the "
-    "final LayerNorm)",
-    "model_output_after_ln": "the decoder's final output after its final LayerNorm "
-    "(last layer only)",
-}
-DEFAULT_KEYTYPE = "ffn_input_after_ln"
-# the authors' fork (urvashik/knnlm) names the paper's key 'last_ffn_input'
-KEYTYPE_ALIASES: dict[str, str] = {"last_ffn_input": "ffn_input_after_ln"}
-
-
-def parse_keytype(spec: str) -> tuple[str, int]:
-    """'ffn_input_after_ln' -> (name, -1); 'ffn_output:2' -> (name, 2); aliases resolved
-    ('last_ffn_input' -> ('ffn_input_after_ln', -1))."""
-    name, _, layer = spec.partition(":")
-    name = KEYTYPE_ALIASES.get(name, name)
-    if name not in KEY_TYPES:
-        valid = ", ".join(sorted(KEY_TYPES))
-        raise ValueError(f"unknown key type {spec!r}; valid key types: {valid} "
-                         "(optionally ':LAYER', e.g. ffn_input_after_ln:-1)")
-    try:
-        layer_idx = int(layer) if layer else -1
-    except ValueError:
-        raise ValueError(f"bad layer in key type {spec!r}: {layer!r} is not an integer") from None
-    if name == "model_output_after_ln" and layer and layer_idx != -1:
-        raise ValueError("model_output_after_ln exists only after the last layer")
-    return name, layer_idx
-
-
-def resolve_keytype(spec: str, num_layers: int) -> tuple[str, int]:
-    """The state a key type names in a model of ``num_layers`` layers: (name, 0-based layer).
-
-    'ffn_input_after_ln', 'ffn_input_after_ln:-1', 'last_ffn_input' and (2 layers)
-    'ffn_input_after_ln:1' all give ('ffn_input_after_ln', 1): compare these, not the text."""
-    name, layer = parse_keytype(spec)
-    if not -num_layers <= layer < num_layers:
-        raise ValueError(f"key type {spec!r}: the model has {num_layers} layers")
-    return name, layer % num_layers
-
 
 def find_decoder(model: nn.Module) -> nn.Module:
     """The TransformerDecoder of a fairseq LM (model.decoder), or the model itself."""

@@ -16,7 +16,6 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .errors import FlagError
 from .shards import ConcatRows
 
 # log p_kNN where no neighbour carries the target (the authors' code masked with the same
@@ -28,21 +27,6 @@ from .shards import ConcatRows
 # i.e. once about 1% of the targets are missing from their neighbours (10000 nats each);
 # sweep.ppl_from_nll reports the same inf.
 KNN_LOGP_FLOOR = -10000.0
-SIM_FUNCS = ("l2", "faiss_l2", "dot")
-# other names for --knn-sim-func: the authors' fork calls FAISS's distances do_not_recomp_l2
-SIM_FUNC_ALIASES = {"do_not_recomp_l2": "faiss_l2"}
-
-
-def normalize_sim_func(name: str) -> str:
-    """The canonical --knn-sim-func name ('do_not_recomp_l2' -> 'faiss_l2'); FlagError for
-    an unknown one."""
-    canon = SIM_FUNC_ALIASES.get(name, name)
-    if canon not in SIM_FUNCS:
-        names = ", ".join((*SIM_FUNCS, *SIM_FUNC_ALIASES))
-        raise FlagError(f"--knn-sim-func must be one of {names}, got {name!r}")
-    return canon
-
-
 def knn_log_prob(
     dists: torch.Tensor,
     nbr_vals: torch.Tensor,

@@ -22,8 +22,9 @@ import torch
 
 from .datastore import Datastore, open_datastore
 from .errors import FlagError
+from .flags import check_retrieval_flags
 from .index import _faiss, check_index_matches, load_index, search
-from .knn import KNN_LOGP_FLOOR, knn_log_prob, normalize_sim_func, recompute_distances
+from .knn import KNN_LOGP_FLOOR, knn_log_prob, recompute_distances
 from .pointers import SEARCH, SKIP, SearchPolicy, StreamResults, run_streams, stream_continues
 
 logger = logging.getLogger(__name__)
@@ -93,20 +94,8 @@ class KNNRetriever:
         mmap_index: bool = False,
         torch_exact: bool = False,
     ) -> None:
-        sim_func = normalize_sim_func(sim_func)  # do_not_recomp_l2 -> faiss_l2
-        if not load_keys and sim_func != "faiss_l2":
-            raise FlagError(f"--no-load-keys leaves no keys to compute '{sim_func}' distances "
-                            "from: use --knn-sim-func faiss_l2 or drop --no-load-keys")
-        if torch_exact and not load_keys:
-            raise FlagError("--knn-torch-exact searches the keys: drop --no-load-keys")
-        if not temperature > 0:
-            raise FlagError(f"--knn-temp must be > 0, got {temperature}")
-        if k <= 0:
-            raise FlagError(f"--k must be positive, got {k}")
-        if probe <= 0:
-            raise FlagError(f"--probe must be positive, got {probe}")
-        if index_path is None and not torch_exact:
-            raise FlagError("--knnlm needs --indexfile INDEX (or --knn-torch-exact)")
+        sim_func = check_retrieval_flags(k, probe, temperature, sim_func, load_keys,
+                                         torch_exact, index_path is not None)
         self.ds: Datastore = open_datastore(dstore_prefix, load_keys=load_keys,
                                             keys_in_memory=keys_in_memory)
         if k > self.ds.size:

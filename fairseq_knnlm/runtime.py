@@ -16,11 +16,9 @@ Lifecycle (wired by eval_lm_patch.py and task.py):
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import contextvars
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -39,8 +37,16 @@ from .datastore import (
 from .errors import FlagError
 from .eval_progress import EvalProgress
 from .finite import check_finite, nonfinite_reason
-from .hooks import KeyCapture, find_decoder, parse_keytype, resolve_keytype
-from .knn import interpolate, normalize_sim_func, recompute_distances
+from .flags import (
+    canonical_keytype,
+    check_dstore_size,
+    check_flags,
+    check_model_overrides,
+    normalize_sim_func,
+    same_key_state,
+)
+from .hooks import KeyCapture, find_decoder
+from .knn import interpolate, recompute_distances
 from .lambda_model import (
     LambdaModel,
     check_model_flags,
@@ -97,120 +103,6 @@ def _stream_offsets(dataset: Any) -> Optional[np.ndarray]:
         dataset = getattr(dataset, "dataset", None)
         seen += 1
     return None
-
-
-# ---- flag checks: plain functions, run before anything is opened or loaded ----
-
-def _require(ok: bool, message: str) -> None:
-    if not ok:
-        raise FlagError(message)
-
-
-def _in_unit_interval(x: float) -> bool:
-    return math.isfinite(x) and 0.0 <= x <= 1.0
-
-
-def check_flags(t: Any) -> None:
-    """Range of every numeric kNN-LM flag, and the flags each option needs, for the options
-    that are on; a FlagError naming the flag. ``t`` is the task config (or any object with
-    the KNNLMOptions fields)."""
-    try:
-        parse_keytype(t.knn_keytype)
-    except ValueError as e:
-        raise FlagError(f"--knn-keytype: {e}") from None
-    if t.dstore_size is not None:
-        _require(t.dstore_size >= 1, f"--dstore-size must be >= 1, got {t.dstore_size}")
-    if t.save_knnlm_dstore:
-        _require(bool(t.dstore_mmap), "--save-knnlm-dstore needs --dstore-mmap PREFIX")
-    if t.knnlm:
-        _require(bool(t.dstore_filename and (t.indexfile or t.knn_torch_exact)),
-                 "--knnlm needs --dstore-filename PREFIX and --indexfile INDEX (or "
-                 "--knn-torch-exact)")
-        _require(t.k >= 1, f"--k must be >= 1, got {t.k}")
-        _require(t.probe >= 1, f"--probe must be >= 1 (IVF lists searched per query), "
-                 f"got {t.probe}")
-        _require(math.isfinite(t.knn_temp) and t.knn_temp > 0,
-                 f"--knn-temp must be > 0, got {t.knn_temp}")
-        _require(_in_unit_interval(t.lmbda), f"--lmbda must be in [0, 1], got {t.lmbda}")
-        sim = normalize_sim_func(t.knn_sim_func)
-        _require(not t.no_load_keys or sim == "faiss_l2",
-                 f"--no-load-keys leaves no keys to compute '{t.knn_sim_func}' distances from: "
-                 "use --knn-sim-func faiss_l2 or drop --no-load-keys")
-        _require(not (t.knn_torch_exact and t.no_load_keys),
-                 "--knn-torch-exact searches the keys held in memory: drop --no-load-keys")
-        if t.knn_pointers:
-            _require(t.knn_min_pointers >= 0,
-                     f"--knn-min-pointers must be >= 0, got {t.knn_min_pointers}")
-            _require(not (t.knn_gpu and sim == "faiss_l2" and not t.knn_torch_exact),
-                     "--knn-pointers with FAISS distances (faiss_l2) reads the index's codes, "
-                     "which a GPU index does not offer: drop --knn-gpu or use --knn-sim-func l2")
-    else:
-        _require(not t.knn_save_neighbors,
-                 "--knn-save-neighbors saves what the kNN search retrieved: it needs --knnlm")
-        _require(not t.knn_pointers, "--knn-pointers steers the kNN search: it needs --knnlm")
-        _require(not t.knn_torch_exact, "--knn-torch-exact is a kNN search: it needs --knnlm")
-        _require(not t.knn_lambda_model,
-                 "--knn-lambda-model weighs the kNN distribution: it needs --knnlm")
-    _require(math.isfinite(t.knn_skip_below) and 0.0 <= t.knn_skip_below <= 1.0,
-             f"--knn-skip-below must be in [0, 1], got {t.knn_skip_below}")
-    _require(not (t.knn_skip_below > 0 and t.knn_save_neighbors),
-             "--knn-save-neighbors with --knn-skip-below would save no neighbours for the "
-             "skipped tokens: save a pass without --knn-skip-below and replay thresholds with "
-             "knnlm-sweep --lambda-model MODEL --skip-below ...")
-    _require(t.knn_skip_below == 0.0 or bool(t.knn_lambda_model),
-             "--knn-skip-below thresholds a lambda model's prediction: it needs "
-             "--knn-lambda-model MODEL")
-    _require(not t.knn_clusters or (t.knnlm and t.knn_pointers),
-             "--knn-clusters extends the pointers: it needs --knnlm --knn-pointers")
-    if t.knn_cache:
-        _require(_in_unit_interval(t.cache_lmbda),
-                 f"--cache-lmbda must be in [0, 1], got {t.cache_lmbda}")
-        _require(math.isfinite(t.cache_theta) and t.cache_theta > 0,
-                 f"--cache-theta must be > 0, got {t.cache_theta}")
-        _require(t.cache_length >= 1, f"--cache-length must be >= 1, got {t.cache_length}")
-
-
-def check_dstore_size(dstore_size: Optional[int], actual: int, prefix: Any) -> None:
-    """--dstore-size (the authors' flag) must agree with the datastore's meta file, if given."""
-    _require(dstore_size is None or dstore_size == actual,
-             f"--dstore-size {dstore_size} disagrees with the datastore {prefix}, which has "
-             f"{actual} entries (its meta file's size): fix --dstore-size or drop it")
-
-
-def check_model_overrides(model_overrides: Optional[str], keytype: str) -> None:
-    """The authors' dump command also passes --model-overrides "{'knn_keytype': ...}" (their
-    fork read the key type from the model's args). Here --knn-keytype decides: an override
-    that names another key type is refused rather than silently ignored."""
-    try:
-        overrides = ast.literal_eval(model_overrides or "{}")
-    except (ValueError, SyntaxError):  # fairseq itself reports what it cannot read
-        return
-    other = overrides.get("knn_keytype") if isinstance(overrides, dict) else None
-    if other is None:
-        return
-    try:
-        same = parse_keytype(str(other)) == parse_keytype(keytype)
-    except ValueError as e:
-        raise FlagError(f"--model-overrides knn_keytype: {e}") from None
-    _require(same, f"--model-overrides sets knn_keytype {other!r} but --knn-keytype is "
-             f"{keytype!r}: the key type comes from --knn-keytype; give both the same value")
-
-
-def canonical_keytype(spec: str) -> str:
-    """The key type as a datastore's meta records it: an alias replaced by the name it stands
-    for ('last_ffn_input' -> 'ffn_input_after_ln'), a ':LAYER' suffix kept as given."""
-    name, _ = parse_keytype(spec)
-    _, sep, layer = spec.partition(":")
-    return name + sep + layer
-
-
-def same_key_state(a: str, b: str, num_layers: int) -> bool:
-    """Whether two key types name the same hidden state of a model with ``num_layers`` layers
-    ('ffn_input_after_ln:1' and 'last_ffn_input' do in a 2-layer model)."""
-    try:
-        return resolve_keytype(a, num_layers) == resolve_keytype(b, num_layers)
-    except ValueError:  # a layer the model does not have: not the model's state
-        return False
 
 
 def _distributed() -> bool:

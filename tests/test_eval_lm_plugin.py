@@ -13,7 +13,8 @@ import torch
 from conftest import BIN, TPS, eval_args, eval_lm_inprocess, parse_ppl, run
 
 from fairseq_knnlm.datastore import DatastoreError, open_datastore
-from fairseq_knnlm.hooks import KEY_TYPES, KeyCapture
+from fairseq_knnlm.flags import KEY_TYPES
+from fairseq_knnlm.hooks import KeyCapture
 
 
 def _stream(tiny: dict, subset: str) -> np.ndarray:

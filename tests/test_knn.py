@@ -84,7 +84,7 @@ def test_recompute_distances_memmap_sorted_reads_equal_in_ram(tmp_path):
 
 def test_sim_func_names_and_alias():
     from fairseq_knnlm.errors import FlagError
-    from fairseq_knnlm.knn import normalize_sim_func
+    from fairseq_knnlm.flags import normalize_sim_func
 
     assert [normalize_sim_func(s) for s in ("l2", "faiss_l2", "dot", "do_not_recomp_l2")] == [
         "l2", "faiss_l2", "dot", "faiss_l2"]

@@ -312,7 +312,7 @@ def test_lambda_flags_refused_with_the_flag_named(flags, match):
     from dataclasses import replace
 
     from fairseq_knnlm.config import KNNLMOptions
-    from fairseq_knnlm.runtime import check_flags
+    from fairseq_knnlm.flags import check_flags
 
     with pytest.raises(FlagError, match=re.escape(match)):
         check_flags(replace(KNNLMOptions(), **flags))

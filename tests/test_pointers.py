@@ -459,7 +459,7 @@ def _opts(**flags):
       "knn_sim_func": "faiss_l2"}, "--knn-torch-exact searches the keys"),
 ])
 def test_pointer_flags_refused_with_the_flag_named(flags, match):
-    from fairseq_knnlm.runtime import check_flags
+    from fairseq_knnlm.flags import check_flags
 
     with pytest.raises(FlagError, match=re.escape(match)):
         check_flags(_opts(**flags))

@@ -22,7 +22,7 @@ from conftest import BIN, eval_args, eval_lm_inprocess
 from fairseq_knnlm.datastore import DatastoreError, open_datastore
 from fairseq_knnlm.errors import FlagError, KNNLMError
 from fairseq_knnlm.eval_lm_patch import debug_requested, user_error_message
-from fairseq_knnlm.runtime import (
+from fairseq_knnlm.flags import (
     canonical_keytype,
     check_dstore_size,
     check_flags,

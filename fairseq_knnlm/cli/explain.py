@@ -162,7 +162,7 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
     from ..datastore import open_datastore
     from ..eval_lm_patch import knnlm_main
     from ..explain_html import render_html
-    from ..runtime import check_flags
+    from ..flags import check_flags
 
     args = options.parse_args_and_arch(options.get_eval_lm_parser(), eval_lm_argv(rest))
     if getattr(args, "save_knnlm_dstore", False):
