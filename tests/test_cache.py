@@ -49,7 +49,7 @@ def test_a_cache_only_pass_logs_its_summary_as_the_cache(tiny, caplog):
 
     from conftest import eval_args, eval_lm_inprocess
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     res = eval_lm_inprocess(eval_args(tiny, "test", "--knn-cache", "--cache-lmbda", "0.2"))
     lines = [r.getMessage() for r in caplog.records if "tokens; LM ppl" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("continuous cache: "), lines

@@ -156,7 +156,7 @@ def test_constant_model_equals_the_fixed_lambda_run(tiny, dstore, tmp_path):
 
 
 def test_skip_below_zero_searches_every_token(tiny, dstore, saved, caplog):
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     knn = _knn(dstore, "--knn-lambda-model", str(saved["mlp"]))
     plain = eval_lm_inprocess(eval_args(tiny, "test", *knn))
     s, n = _searches(caplog)
@@ -181,7 +181,7 @@ def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path, which):
     from fairseq_knnlm.lambda_replay import token_inputs
     from fairseq_knnlm.sweep import load_neighbors
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved[which]
     model = load_model(path)
     assert set(AGREEMENT_FEATURES) <= set(model.head.features)
@@ -333,7 +333,7 @@ def test_skipping_with_pointers(tiny, dstore, saved, caplog):
     """The gate's SKIP goes through the pointers' policy: with a threshold above k it equals
     the run without pointers; with pointers the skipped tokens are neither searched nor
     followed, and the line counts them."""
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     model = load_model(saved["mlp"])
     from fairseq_knnlm.lambda_replay import token_inputs
     from fairseq_knnlm.sweep import load_neighbors
@@ -406,7 +406,7 @@ def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog,
     from fairseq_knnlm.lambda_replay import _pre_x
     from fairseq_knnlm.sweep import load_neighbors
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved_ptr["model" if which == "plain" else "clmodel"]
     model = load_model(path)
     policy = (("--knn-min-pointers", "1") if which == "plain" else

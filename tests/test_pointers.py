@@ -259,7 +259,7 @@ def _searches(caplog) -> tuple[int, int]:
 
 
 def test_threshold_above_k_equals_plain_knnlm(tiny, dstore, caplog):
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     for sim in ("l2", "faiss_l2"):
         knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2",
                    "--knn-sim-func", sim)
@@ -303,7 +303,7 @@ def test_pointers_follow_the_text_across_batches_and_context_windows(tiny, dstor
     batch: one search per block, less one per batch after the first."""
     from fairseq_knnlm.datastore import open_datastore
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     row_of = np.empty(open_datastore(dstore).size, dtype=np.int64)
     row_of[np.asarray(open_datastore(dstore).pos)] = np.arange(len(row_of))
     for max_tokens in ("16", "256"):
@@ -332,7 +332,7 @@ def test_replay_equals_online_runs(tiny, dstore, tmp_path, caplog):
     from fairseq_knnlm.cli.sweep import cli_main
     from fairseq_knnlm.sweep import load_neighbors
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2", "--knn-pointers")
     prefix = tmp_path / "nbrs" / "valid"
     full = eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", "9",
@@ -366,7 +366,7 @@ def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
     from fairseq_knnlm.cli.clusters import cli_main as clusters_main
     from fairseq_knnlm.cli.sweep import cli_main
 
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.runtime")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     cl = tmp_path / "clusters" / "c40"
     assert clusters_main([str(dstore), str(cl), "--num-clusters", "40", "--niter", "5"]) == 0
     knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2", "--knn-pointers",
