@@ -193,6 +193,22 @@ class Datastore:
         return self.meta.dim
 
 
+def check_finite_keys(ds: Datastore, keys: np.ndarray, rows: Union[int, np.ndarray]) -> None:
+    """DatastoreError naming the datastore and the first bad row if ``keys`` (n, D), rows of
+    ``ds.keys`` the caller has read (``rows``: their ids, or the id of the first of
+    consecutive rows), hold NaN or inf: FAISS's k-means fails on such keys and searches give
+    NaN distances, so no tool indexes or clusters them. Costs no extra read."""
+    bad = ~np.isfinite(keys).all(axis=1)
+    if not bad.any():
+        return
+    i = int(np.argmax(bad))
+    row = rows + i if isinstance(rows, (int, np.integer)) else int(np.asarray(rows)[i])
+    raise DatastoreError(
+        f"datastore {ds.prefix}: the key of row {row} is not finite (NaN or inf; "
+        f"{int(bad.sum())} such rows among the {len(bad)} read): the dump is broken (e.g. an "
+        "fp16 overflow in the model); dump it again")
+
+
 def _open_sharded(prefix: Path, meta: DatastoreMeta, load_keys: bool,
                   keys_in_memory: bool) -> Datastore:
     shards = []

@@ -165,18 +165,46 @@ def read_meta(prefix: PathLike) -> DatastoreMeta:
                 "from the original knnlm code carry no metadata: re-dump with this plugin")
         raise DatastoreError(f"no datastore at {prefix}: {mp} not found")
     try:
-        meta = DatastoreMeta.from_dict(json.loads(mp.read_text()))
+        raw = json.loads(mp.read_text())
+        if not isinstance(raw, dict):
+            raise TypeError(f"a JSON {type(raw).__name__}, not an object")
+        meta = DatastoreMeta.from_dict(raw)
     except (json.JSONDecodeError, TypeError) as e:
         raise DatastoreError(f"{mp}: unreadable meta file ({e})") from e
+    check_fields(meta, mp)
     if not meta.complete:
         raise DatastoreError(f"{prefix}: meta file says the dump is incomplete")
     if meta.format_version > FORMAT_VERSION:
         raise DatastoreError(
             f"{prefix}: format version {meta.format_version} is newer than this plugin's "
             f"{FORMAT_VERSION}; upgrade fairseq-knnlm")
-    if meta.key_dtype not in KEY_DTYPES:
-        raise DatastoreError(f"{prefix}: unknown key dtype {meta.key_dtype!r}")
     return meta
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_fields(meta: DatastoreMeta, path: PathLike) -> None:
+    """DatastoreError naming ``path`` when a field that sizes or types the arrays has the
+    wrong type or range (a hand-edited or foreign meta file)."""
+    bad = []
+    if not (_is_int(meta.size) and meta.size >= 0):
+        bad.append(f"size {meta.size!r} (an integer >= 0)")
+    if not (_is_int(meta.dim) and meta.dim >= 1):
+        bad.append(f"dim {meta.dim!r} (an integer >= 1)")
+    if not (isinstance(meta.key_dtype, str) and meta.key_dtype in KEY_DTYPES):
+        bad.append(f"key_dtype {meta.key_dtype!r} (one of {', '.join(KEY_DTYPES)})")
+    for name, want in (("val_dtype", VAL_DTYPE), ("pos_dtype", POS_DTYPE)):
+        if getattr(meta, name) != want.name:
+            bad.append(f"{name} {getattr(meta, name)!r} ({want.name})")
+    if not _is_int(meta.format_version):
+        bad.append(f"format_version {meta.format_version!r} (an integer)")
+    if not (_is_int(meta.num_shards) and meta.num_shards >= 1):
+        bad.append(f"num_shards {meta.num_shards!r} (an integer >= 1)")
+    if bad:
+        raise DatastoreError(f"{path}: not a datastore meta file this plugin wrote: "
+                             + "; ".join(bad))
 
 
 def read_manifest(prefix: PathLike) -> dict[str, Any]:
@@ -185,6 +213,9 @@ def read_manifest(prefix: PathLike) -> dict[str, Any]:
         m = json.loads(mp.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise DatastoreError(f"{mp}: unreadable manifest ({e})") from e
+    if not isinstance(m, dict):
+        raise DatastoreError(f"{mp}: unreadable manifest (a JSON {type(m).__name__}, not an "
+                             "object)")
     if int(m.get("format_version", 0)) > MANIFEST_VERSION:
         raise DatastoreError(f"{mp}: manifest version {m['format_version']} is newer than this "
                              "plugin's; upgrade fairseq-knnlm")
@@ -205,6 +236,5 @@ def manifest_meta(prefix: PathLike) -> DatastoreMeta:
     fields["extra"] = {"shards": m["shards"]}
     fields["dump_id"] = combined_dump_id([s.get("dump_id") for s in m["shards"]])
     meta = DatastoreMeta(**fields)
-    if meta.key_dtype not in KEY_DTYPES:
-        raise DatastoreError(f"{prefix}: unknown key dtype {meta.key_dtype!r}")
+    check_fields(meta, manifest_path(prefix))
     return meta

@@ -47,7 +47,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .datastore import Datastore, DatastoreError, open_datastore
+from .datastore import Datastore, DatastoreError, check_finite_keys, open_datastore
 from .errors import FlagError, KNNLMError
 from .memmaps import release_pages, write_json_atomic
 from .progress import Progress
@@ -134,6 +134,7 @@ def validate_settings(settings: IndexSettings) -> None:
                     ("--train-size", settings.train_size), ("--probe", settings.probe),
                     ("--pca-dim", settings.pca_dim)):
         _require(v > 0, flag, v)
+    _require(settings.seed >= 0, "--seed", settings.seed, "must be >= 0")  # numpy's rule
 
 
 def validate_build_args(add_chunk: int = 1, checkpoint_every: int = 1,
@@ -216,6 +217,7 @@ def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20,
     if isinstance(ids_or_slice, slice):
         out = np.ascontiguousarray(ds.keys[ids_or_slice], dtype=np.float32)
         release_pages(ds.keys)
+        check_finite_keys(ds, out, ids_or_slice.indices(ds.size)[0])
         return out
     ids = np.asarray(ids_or_slice)
     out = np.empty((len(ids), ds.dim), dtype=np.float32)
@@ -226,6 +228,7 @@ def _read_keys(ds: Datastore, ids_or_slice: Any, window: int = 1 << 20,
             release_pages(ds.keys)
             if progress is not None:
                 progress.update(int(b - a))
+    check_finite_keys(ds, out, ids)
     return out
 
 

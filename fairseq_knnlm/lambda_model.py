@@ -609,6 +609,21 @@ def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise FlagError(f"{flag} {path}: not a lambda model file of version {VERSION} "
                         f"(format {meta.get('format')!r}, version {meta.get('version')!r})")
+    try:
+        model = _model_from(meta, arrays, path)
+    except FlagError:
+        raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as e:
+        raise FlagError(f"{flag} {path}: a damaged lambda model file ({type(e).__name__}: "
+                        f"{e})") from None
+    problem = _model_problem(model)
+    if problem:
+        raise FlagError(f"{flag} {path}: a damaged lambda model file ({problem})")
+    return model
+
+
+def _model_from(meta: dict[str, Any], arrays: dict[str, np.ndarray], path: PathLike
+                ) -> LambdaModel:
     head = _head_from(meta["head"], {k[5:]: v for k, v in arrays.items()
                                      if k.startswith("head.")}, path)
     gate = (_head_from(meta["gate"], {k[5:]: v for k, v in arrays.items()
@@ -617,14 +632,71 @@ def load_model(path: PathLike, flag: str = "--knn-lambda-model") -> LambdaModel:
     info = {k: v for k, v in meta.items() if k not in (
         "format", "version", "kind", "head", "gate", "k", "temperature", "dist", "vocab_size",
         "temps", "min_pointers", "clusters")}
+    temps = meta.get("temps", [])
+    if not isinstance(temps, list):
+        raise TypeError(f"temps must be a list, got {temps!r}")
     return LambdaModel(kind=str(meta["kind"]), head=head, gate=gate, k=int(meta["k"]),
                        temperature=float(meta["temperature"]), dist=str(meta["dist"]),
                        freq=arrays["freq"].astype(np.float32), info=info,
-                       temps=tuple(float(t) for t in meta.get("temps", [])),
+                       temps=tuple(float(t) for t in temps),
                        min_pointers=(int(meta["min_pointers"])
                                      if meta.get("min_pointers") is not None else None),
                        clusters=(int(meta["clusters"])
                                  if meta.get("clusters") is not None else None))
+
+
+def _head_problem(head: Head, what: str, n_out: int) -> Optional[str]:
+    """What is wrong with a loaded head's parameters (None: nothing)."""
+    if isinstance(head, ConstantHead):
+        ok = math.isfinite(head.lmbda) and 0.0 <= head.lmbda <= 1.0
+        return None if ok else f"{what} lambda {head.lmbda}"
+    if isinstance(head, BucketHead):
+        if head.feature not in FEATURES:
+            return f"{what} reads an unknown feature {head.feature!r}"
+        if len(head.lambdas) != len(head.edges) + 1:
+            return f"{what}: {len(head.lambdas)} lambdas for {len(head.edges)} edges"
+        lam = head.lambdas
+        if not (np.isfinite(lam).all() and (lam >= 0).all() and (lam <= 1).all()):
+            return f"{what} lambdas outside [0, 1]"
+        return None if np.isfinite(head.edges).all() else f"{what} edges not finite"
+    unknown = [f for f in head.features if f not in FEATURES]
+    if unknown:
+        return f"{what} reads unknown features {unknown}"
+    width = len(head.features)
+    if head.mean.shape != (width,) or head.std.shape != (width,):
+        return f"{what}: mean/std of shape {head.mean.shape}, {width} features"
+    for i, (w, b) in enumerate(zip(head.weights, head.biases)):
+        if w.ndim != 2 or w.shape[1] != width or b.shape != (w.shape[0],):
+            return f"{what} layer {i}: weights {w.shape}, biases {b.shape}, input {width}"
+        width = w.shape[0]
+    if width != n_out:
+        return f"{what}: {width} outputs, {n_out} expected"
+    arrays = [head.mean, head.std, *head.weights, *head.biases]
+    if not all(np.isfinite(a).all() for a in arrays):
+        return f"{what} parameters not finite"
+    return None
+
+
+def _model_problem(m: LambdaModel) -> Optional[str]:
+    if m.k < 1:
+        return f"k {m.k}"
+    if not (math.isfinite(m.temperature) and m.temperature > 0):
+        return f"temperature {m.temperature}"
+    if any(not (math.isfinite(t) and t > 0) for t in m.temps):
+        return f"temps {list(m.temps)}"
+    if m.dist not in ("l2", "faiss_l2"):
+        return f"distance {m.dist!r}"
+    if m.freq.ndim != 1 or not len(m.freq) or not np.isfinite(m.freq).all():
+        return "frequency table missing or not finite"
+    if isinstance(m.head, MixHead) and not m.temps:
+        return "a mixture head without temps"
+    n_out = 1 + len(m.temps) if isinstance(m.head, MixHead) else 1
+    problem = _head_problem(m.head, "head", n_out)
+    if problem is None and m.gate is not None:
+        problem = _head_problem(m.gate, "gate", 1)
+        if problem is None and isinstance(m.gate, MixHead):
+            problem = "gate is a mixture head"
+    return problem
 
 
 def check_model_flags(model: LambdaModel, path: PathLike, k: int, temperature: float,

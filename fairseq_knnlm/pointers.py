@@ -342,16 +342,23 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     ``Clusters`` files at ``prefix`` and returns their meta."""
     import faiss
 
+    from .datastore import check_finite_keys
+    from .errors import FlagError
     from .memmaps import write_json_atomic
 
     n, d = ds.size, ds.dim
     if not 1 <= num_clusters <= n:
-        raise ValueError(f"--num-clusters must be in 1..{n} (the datastore's rows), "
-                         f"got {num_clusters}")
+        raise FlagError(f"--num-clusters must be in 1..{n} (the datastore's rows), "
+                        f"got {num_clusters}")
+    if niter < 1:
+        raise FlagError(f"--niter must be >= 1, got {niter}")
+    if seed < 0:
+        raise FlagError(f"--seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)
     m = min(n, num_clusters * max_points_per_centroid)
     sample = np.sort(rng.choice(n, m, replace=False))
     x = np.ascontiguousarray(ds.keys[sample], dtype=np.float32)
+    check_finite_keys(ds, x, sample)
     t0 = time.perf_counter()
     km = faiss.Kmeans(d, num_clusters, niter=niter, seed=seed,
                       max_points_per_centroid=max_points_per_centroid, verbose=False)
@@ -361,7 +368,9 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     dist = np.empty(n, dtype=np.float32)
     for s in range(0, n, chunk):
         e = min(n, s + chunk)
-        dd, ii = km.index.search(np.ascontiguousarray(ds.keys[s:e], dtype=np.float32), 1)
+        x = np.ascontiguousarray(ds.keys[s:e], dtype=np.float32)
+        check_finite_keys(ds, x, s)
+        dd, ii = km.index.search(x, 1)
         assign[s:e], dist[s:e] = ii[:, 0], dd[:, 0]
     order = np.lexsort((dist, assign)).astype(np.int64)  # by cluster, nearest first
     paths = _cluster_paths(prefix)
@@ -382,9 +391,10 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     return meta
 
 
-def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 2048
-                  ) -> Clusters:
-    """The ``Clusters`` at ``prefix``, checked against the datastore ``ds`` (FlagError)."""
+def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 2048,
+                  flag: str = "--knn-clusters") -> Clusters:
+    """The ``Clusters`` at ``prefix``, checked against the datastore ``ds``: FlagError naming
+    ``flag`` and the file for missing, damaged or foreign files."""
     import json
 
     from .errors import FlagError
@@ -392,13 +402,38 @@ def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 204
     paths = _cluster_paths(prefix)
     missing = [str(p) for p in paths.values() if not p.exists()]
     if missing:
-        raise FlagError(f"--knn-clusters {prefix}: {', '.join(missing)} not found (build them "
+        raise FlagError(f"{flag} {prefix}: {', '.join(missing)} not found (build them "
                         "with knnlm-clusters)")
-    meta = json.loads(paths["meta.json"].read_text())
+    try:
+        meta = json.loads(paths["meta.json"].read_text())
+        num = int(meta["num_clusters"]) if isinstance(meta, dict) else None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise FlagError(f"{flag} {prefix}: {paths['meta.json']} is not a knnlm-clusters meta "
+                        f"file ({type(e).__name__}: {e})") from None
+    if num is None or num < 1:
+        raise FlagError(f"{flag} {prefix}: {paths['meta.json']} is not a knnlm-clusters meta "
+                        "file (no num_clusters >= 1)")
     if meta.get("datastore") != ds.meta.fingerprint():
-        raise FlagError(f"--knn-clusters {prefix} was built from another datastore than "
+        raise FlagError(f"{flag} {prefix} was built from another datastore than "
                         f"{ds.prefix} (or before it was dumped again): rebuild it")
-    assign = np.load(paths["assign.npy"], mmap_mode="r")
-    order = np.load(paths["order.npy"], mmap_mode="r")
-    return Clusters(assign, order, int(meta["num_clusters"]), per_cluster=per_cluster,
-                    limit=limit)
+    arrays = {}
+    for name in ("assign", "order"):
+        path = paths[f"{name}.npy"]
+        try:
+            a = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:
+            raise FlagError(f"{flag} {prefix}: {path} is damaged ({e}): rebuild it with "
+                            "knnlm-clusters") from None
+        if a.shape != (ds.size,) or a.dtype.kind not in "iu":
+            raise FlagError(f"{flag} {prefix}: {path} holds {a.dtype} {a.shape}, not one "
+                            f"integer per row of {ds.prefix} ({ds.size}): rebuild it")
+        arrays[name] = a
+    if ds.size and not (0 <= int(arrays["assign"].min()) and
+                        int(arrays["assign"].max()) < num):
+        raise FlagError(f"{flag} {prefix}: {paths['assign.npy']} names clusters outside "
+                        f"0..{num - 1} (num_clusters in {paths['meta.json']}): rebuild it")
+    order = arrays["order"]
+    if ds.size and not (0 <= int(order.min()) and int(order.max()) < ds.size):
+        raise FlagError(f"{flag} {prefix}: {paths['order.npy']} names rows outside "
+                        f"0..{ds.size - 1}: rebuild it")
+    return Clusters(arrays["assign"], order, num, per_cluster=per_cluster, limit=limit)

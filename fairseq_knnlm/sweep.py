@@ -131,6 +131,7 @@ class NeighborWriter:
 class Neighbors:
     meta: dict[str, Any]
     arrays: dict[str, Any]  # name -> (n, ...) memmap, or ConcatRows over a sharded pass's
+    prefix: Optional[Path] = None  # where it was loaded from (for messages)
 
     @property
     def n(self) -> int:
@@ -175,6 +176,11 @@ def _load_plain(prefix: PathLike) -> Neighbors:
         n, k, names = int(meta["n"]), int(meta["k"]), list(meta["arrays"])
     except (KeyError, TypeError, ValueError) as e:
         raise NeighborsError(f"{meta_path(prefix)}: lacks n, k or arrays ({e})") from e
+    if n < 0 or k < 1 or not isinstance(meta["arrays"], list) or \
+            not all(isinstance(a, str) for a in names):
+        raise NeighborsError(f"{meta_path(prefix)}: not a neighbour file's meta (n {n}, k {k}"
+                             + (")" if isinstance(meta["arrays"], list) else
+                                f", arrays {meta['arrays']!r})"))
     unknown = sorted(set(names) - set(_SPEC))
     if unknown:
         raise NeighborsError(f"{meta_path(prefix)}: unknown arrays {unknown}")
@@ -283,16 +289,44 @@ def load_neighbors(prefix: PathLike) -> Neighbors:
     if plain.exists() and man.exists():
         raise NeighborsError(f"both {plain} (an unsharded pass) and {man} (a sharded pass) "
                              "exist: delete the stale one's files")
-    if man.exists():
-        return _load_sharded(prefix)
-    if plain.exists():
-        return _load_plain(prefix)
+    if man.exists() or plain.exists():
+        nb = _load_sharded(prefix) if man.exists() else _load_plain(prefix)
+        check_scores(nb, man if man.exists() else plain)
+        nb.prefix = prefix
+        return nb
     pending = _unfinished_shards(prefix)
     if pending:
         raise NeighborsError(f"{man} not found: the sharded pass has not finished: manifest "
                              f"missing ({len(pending)} shard(s) finished: "
                              f"{', '.join(p.name for p in pending)})")
     raise NeighborsError(f"{plain} not found: no finished neighbour file at {prefix}")
+
+
+def check_scores(nb: Neighbors, where: PathLike) -> None:
+    """NeighborsError for a pass of no tokens (nothing to score) or one whose saved
+    log-probabilities (p_LM, p_cache) are not all finite: no tool scores such a file."""
+    if nb.n == 0:
+        raise NeighborsError(f"{where}: the pass saved 0 tokens (an empty --gen-subset?): "
+                             "nothing to score")
+    for name in ("lm_logp", "cache_logp"):
+        if name in nb.arrays:
+            bad = np.nonzero(~np.isfinite(np.asarray(nb.arrays[name][:])))[0]
+            if len(bad):
+                raise NeighborsError(f"{where}: {name} of token {int(bad[0])} is not finite "
+                                     f"({len(bad)} such tokens): the file is damaged; save "
+                                     "the pass again")
+
+
+def check_dists(nb: Neighbors, d: np.ndarray, valid: np.ndarray, name: str,
+                offset: int) -> None:
+    """NeighborsError if a real neighbour's saved distance (``name``, rows from ``offset``)
+    is NaN or -inf (+inf is FAISS's own "no distance")."""
+    bad = valid & (np.isnan(d) | (d == -np.inf))
+    if bad.any():
+        row = offset + int(np.nonzero(bad.any(axis=1))[0][0])
+        raise NeighborsError(f"{_p(nb.prefix, name) if nb.prefix else name}: the distances of "
+                             f"token {row} are not finite: the file is damaged, or the "
+                             "datastore or index holds NaN keys")
 
 
 def _logsumexp(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -396,8 +430,10 @@ def check_sweep(nb: Neighbors, ks: Sequence[int], dists: Sequence[str] = ("l2",)
                         "pointers with exact distances, without FAISS's: use --dists l2")
     if any(not 0.0 <= x <= 1.0 for x in (*lambdas, *cache_lambdas)):
         raise FlagError("--lambdas and --cache-lambdas must lie in [0, 1]")
-    if any(t <= 0 for t in temperatures):
-        raise FlagError(f"--temps must be > 0, got {list(temperatures)}")
+    if not lambdas or not cache_lambdas:
+        raise FlagError("--lambdas and --cache-lambdas need at least one value")
+    if not temperatures or any(not (math.isfinite(t) and t > 0) for t in temperatures):
+        raise FlagError(f"--temps must be finite and > 0, got {list(temperatures)}")
     if any(c > 0 for c in cache_lambdas) and "cache_logp" not in nb.arrays:
         raise FlagError("--cache-lambdas given but the pass was run without --knn-cache")
 
@@ -428,7 +464,9 @@ def sweep(nb: Neighbors, lambdas: Sequence[float], ks: Sequence[int],
         e = min(n, s + chunk)
         ids = np.asarray(nb.arrays["ids"][s:e])
         valid = ids >= 0
-        d = np.where(valid, np.asarray(nb.arrays[key][s:e], dtype=np.float32), np.inf)
+        d = np.asarray(nb.arrays[key][s:e], dtype=np.float32)
+        check_dists(nb, d, valid, key, s)
+        d = np.where(valid, d, np.inf)
         match = np.asarray(nb.arrays["match"][s:e]).astype(bool) & valid
         if k_select != "faiss" or not missing_last(valid):  # else: the saved order is it
             l2 = np.asarray(nb.arrays["l2_dists"][s:e]) if k_select == "exact-l2" else None
@@ -482,8 +520,8 @@ def check_replay(nb: Neighbors, thresholds: Sequence[int], lambdas: Sequence[flo
         raise FlagError(f"--pointer-thresholds must be integers >= 0, got {list(thresholds)}")
     if any(not 0.0 <= x <= 1.0 for x in lambdas) or not lambdas:
         raise FlagError("--lambdas must lie in [0, 1]")
-    if any(t <= 0 for t in temperatures) or not temperatures:
-        raise FlagError(f"--temps must be > 0, got {list(temperatures)}")
+    if not temperatures or any(not (math.isfinite(t) and t > 0) for t in temperatures):
+        raise FlagError(f"--temps must be finite and > 0, got {list(temperatures)}")
 
 
 def replay_pieces(fresh: np.ndarray, budget: int
@@ -532,8 +570,13 @@ def pointer_passes(nb: Neighbors, ds: Any, policy: Any, budget: int = 8192,
         tg = np.asarray(nb.arrays["targets"][lo:hi], dtype=np.int64)
         q = torch.from_numpy(np.array(nb.arrays["queries"][lo:hi], dtype=np.float32))
         ids_s = np.asarray(nb.arrays["ids"][lo:hi])
+        if ids_s.size and int(ids_s.max()) >= len(vals):
+            raise NeighborsError(f"{_p(nb.prefix, 'ids') if nb.prefix else 'ids'} names row "
+                                 f"{int(ids_s.max())} of a datastore of {len(vals)} rows: it "
+                                 f"was not saved against {ds.prefix}, or it is damaged")
         fd_s = np.asarray(nb.arrays["faiss_dists"][lo:hi])
         l2_s = np.asarray(nb.arrays["l2_dists"][lo:hi])
+        check_dists(nb, l2_s, ids_s >= 0, "l2_dists", lo)
 
         def search(idx: np.ndarray, ids_s: np.ndarray = ids_s, fd_s: np.ndarray = fd_s,
                    l2_s: np.ndarray = l2_s) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:

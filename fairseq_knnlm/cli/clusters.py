@@ -18,8 +18,8 @@ import sys
 from typing import Optional
 
 from ..datastore import open_datastore
-from ..errors import KNNLMError
-from ..pointers import build_clusters
+from ..errors import FlagError, KNNLMError
+from ..pointers import _cluster_paths, build_clusters
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:
@@ -34,6 +34,9 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
     try:
+        for path in _cluster_paths(a.out).values():  # before the k-means, not after
+            if path.is_dir():
+                raise FlagError(f"out {a.out}: {path} is a directory: give another prefix")
         meta = build_clusters(open_datastore(a.dstore), a.out, a.num_clusters, niter=a.niter,
                               seed=a.seed)
     except (KNNLMError, ValueError, OSError) as e:

@@ -124,10 +124,16 @@ def eval_blocks(cfg: Any) -> tuple[np.ndarray, list[str]]:
         c.task.tokens_per_sample -= c.eval_lm.context_window
     task = tasks.setup_task(c.task)
     subset = c.dataset.gen_subset
+    data = Path(str(c.task.data).split(":")[0])
+    if (data / f"{subset}.bin").is_file() and (data / f"{subset}.bin").stat().st_size == 0:
+        raise FlagError(f"--gen-subset {subset}: {data / subset}.bin is empty (0 tokens): "
+                        "nothing to explain")
     try:
         task.load_dataset(subset)
     except FileNotFoundError as e:
         raise FlagError(f"--gen-subset {subset}: {e}") from None
+    except ValueError as e:  # fairseq's reader of a damaged or empty split
+        raise FlagError(f"--gen-subset {subset}: cannot read {data / subset} ({e})") from None
     ds, seen = task.dataset(subset), 0
     while ds is not None and getattr(ds, "slice_indices", None) is None and seen < 10:
         ds, seen = getattr(ds, "dataset", None), seen + 1
@@ -174,6 +180,9 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="knnlm-explain-") as tmp:
         text_stats = None
         if text is not None:
+            if not ex.text_lines(text):
+                what = "--text" if own.text is not None else f"--text-file {own.text_file}"
+                raise FlagError(f"{what} is empty: nothing to explain")
             if not (data_dir / "dict.txt").is_file():
                 raise FlagError(f"--text needs the model's dictionary: {data_dir}/dict.txt "
                                 "not found")
@@ -189,6 +198,8 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
         slices, symbols = eval_blocks(cfg)
         total = int(slices[-1, 1]) if len(slices) else 0
         subset = cfg.dataset.gen_subset
+        if total == 0:
+            raise FlagError(f"--gen-subset {subset} has no tokens: nothing to explain")
         if own.start >= total:
             raise FlagError(f"--start {own.start} is past the end of {subset} ({total} tokens)")
         end = total if own.length is None else min(total, own.start + own.length)

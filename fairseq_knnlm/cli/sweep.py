@@ -60,6 +60,8 @@ from ..sweep import (
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+# what every row of a --json needs to be printed and plotted again (--from-json)
+ROW_FIELDS = {"dist", "temperature", "k", "lambda", "cache_lambda", "ppl"}
 
 
 def _comma_list(convert: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
@@ -233,7 +235,8 @@ def run_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     if args.clusters:
         from ..pointers import load_clusters
 
-        clusters = load_clusters(args.clusters, ds, limit=2 * int(nb.meta["k"]))
+        clusters = load_clusters(args.clusters, ds, limit=2 * int(nb.meta["k"]),
+                                 flag="--clusters")
     return replay_pointers(nb, ds, args.pointer_thresholds, args.lambdas, args.temps,
                            clusters=clusters), nb.n
 
@@ -290,6 +293,9 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
         token_inputs,
     )
 
+    if not args.lambdas or any(not 0.0 <= x <= 1.0 for x in args.lambdas):
+        raise FlagError(f"--lambdas (the fixed lambdas to compare with) must be values in "
+                        f"[0, 1], got {args.lambdas}")
     model = load_model(args.lambda_model, flag="--lambda-model")
     nb = load_neighbors(args.neighbors)
     if model.min_pointers is None:
@@ -306,7 +312,7 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
             if not prefix:
                 raise FlagError("the lambda model was fitted with --knn-clusters: pass "
                                 "--clusters PREFIX")
-            clusters = load_clusters(prefix, ds, limit=2 * model.k)
+            clusters = load_clusters(prefix, ds, limit=2 * model.k, flag="--clusters")
         rows = replay_with_pointers(nb, ds, model, args.skip_below, clusters)
     fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
                   dist=model.dist)
@@ -385,6 +391,10 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     try:
         if args.from_json:
             old = json.loads(Path(args.from_json).read_text())
+            if not (isinstance(old, dict) and isinstance(old.get("rows"), list) and old["rows"]
+                    and all(isinstance(r, dict) and ROW_FIELDS <= set(r) for r in old["rows"])):
+                raise FlagError(f"--from-json {args.from_json}: not the --json of a sweep (no "
+                                "rows)")
             rows, n_tokens = fill_k_select(old["rows"]), old["n_tokens"]
         elif args.neighbors:
             rows, n_tokens = run_sweep(args)
