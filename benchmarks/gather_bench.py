@@ -16,9 +16,9 @@ import time
 import numpy as np
 import torch
 
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.knn import recompute_distances
-from fairseq_knnlm.sweep import load_neighbors
+from fairseq_knnlm.offline.sweep import load_neighbors
+from fairseq_knnlm.scoring.knn import recompute_distances
+from fairseq_knnlm.store.datastore import open_datastore
 
 
 def main() -> None:

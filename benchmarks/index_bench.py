@@ -18,8 +18,8 @@ import time
 import faiss
 import numpy as np
 
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.index import load_index, sample_train_ids
+from fairseq_knnlm.index.build import load_index, sample_train_ids
+from fairseq_knnlm.store.datastore import open_datastore
 
 
 def bare_build(dstore: str, ncentroids: int, code_size: int, train_size: int,

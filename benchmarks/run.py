@@ -184,8 +184,8 @@ def main() -> None:
 
 _INDEX_BENCH = r"""
 import json, sys, time, numpy as np, faiss
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.index import IndexSettings, new_index, sample_train_ids
+from fairseq_knnlm.store.datastore import open_datastore
+from fairseq_knnlm.index.build import IndexSettings, new_index, sample_train_ids
 ds = open_datastore(sys.argv[1]); n = int(sys.argv[2]); nc = int(sys.argv[3])
 s = IndexSettings(ncentroids=nc, code_size=64, train_size=n)
 ids = sample_train_ids(ds.size, n, 1)

@@ -77,8 +77,8 @@ def run_measured(cmd: list[str]) -> tuple[float, float, str]:
 
 WRITE = r"""
 import sys, numpy as np
-from fairseq_knnlm.datastore import DatastoreWriter
-from fairseq_knnlm.shards import shard_prefix, write_manifest
+from fairseq_knnlm.store.datastore import DatastoreWriter
+from fairseq_knnlm.store.shards import shard_prefix, write_manifest
 prefix, n, d, shards = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 rng = np.random.default_rng(0)
 centres = (rng.standard_normal((4096, d)) * 2).astype(np.float32)
@@ -96,8 +96,8 @@ write_manifest(prefix, shards)
 
 SEARCH = r"""
 import json, resource, sys, time, numpy as np, faiss
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.index import check_index_matches, load_index, search
+from fairseq_knnlm.store.datastore import open_datastore
+from fairseq_knnlm.index.build import check_index_matches, load_index, search
 prefix, index_path = sys.argv[1], sys.argv[2]
 nq, probe, k = int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 ds = open_datastore(prefix, load_keys=True)
@@ -167,7 +167,7 @@ def main() -> None:
             str(a.add_shard_size), "--ncentroids", str(a.ncentroids), "--code-size",
             str(a.code_size), "--train-size", str(a.train_size), "--no-progress"])
         res["build"] = {"s": w, "peak_rss_gib": rss,
-                        "log": [ln for ln in out.splitlines() if "fairseq_knnlm.index" in ln]}
+                        "log": [ln for ln in out.splitlines() if "fairseq_knnlm.index.build" in ln]}
         print(f"build on-disk index: {w:.0f}s, peak RSS {rss:.2f} GiB", flush=True)
     w, rss, out = run_measured([py, "-c", SEARCH, str(prefix), str(index), str(a.queries), "32",
                                 "1024"])

@@ -3,8 +3,9 @@
     fairseq-eval-lm DATA --path CKPT --user-dir fairseq_knnlm --knnlm ...
 
 Importing the package registers the kNN-LM options on fairseq's language_modeling task and
-wires the scorer into fairseq-eval-lm; the maths lives in plain modules (datastore, index,
-knn, cache, sweep) that need neither fairseq nor a GPU.
+wires the scorer into fairseq-eval-lm (plugin/, the only code that imports fairseq); the
+stages below it (store, index, scoring, adaptive, search, offline, explain) need neither
+fairseq nor a GPU. docs/architecture.md draws them and the files between them.
 """
 
 import os
@@ -20,4 +21,7 @@ if os.environ.get(NO_FAIRSEQ_ENV) != "1":
     except ImportError:  # the plain modules work without fairseq
         pass
     else:
-        from . import eval_lm_patch, task  # noqa: F401  (registration only)
+        from fairseq_knnlm.plugin import (
+            eval_lm_patch,  # noqa: F401  (registration only)
+            task,  # noqa: F401  (registration only)
+        )

@@ -17,7 +17,7 @@ import ast
 import math
 from typing import Any, Optional
 
-from .errors import FlagError
+from fairseq_knnlm.errors import FlagError
 
 # name -> (module attribute of the layer or decoder, "input" or "output", description)
 KEY_TYPES: dict[str, str] = {

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 from conftest import BIN, eval_args, eval_lm_inprocess, parse_ppl, run
 
-from fairseq_knnlm.datastore import open_datastore
 from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.store.datastore import open_datastore
 
 
 def _final_ppl(log: str) -> float:
@@ -36,7 +36,7 @@ def _final_ppl(log: str) -> float:
 @pytest.fixture(scope="module")
 def authors_dstore(tiny, dstore):
     """The authors' dump command (console script), and an IVFPQ index over its datastore."""
-    from fairseq_knnlm.index import IndexSettings, build_index
+    from fairseq_knnlm.index.build import IndexSettings, build_index
 
     size = open_datastore(dstore).size
     prefix = tiny["dir"] / "checkpoints" / "dstore"

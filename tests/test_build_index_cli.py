@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from fairseq_knnlm.cli.build_index import cli_main
-from fairseq_knnlm.datastore import DatastoreWriter
-from fairseq_knnlm.index import meta_path
+from fairseq_knnlm.index.build import meta_path
+from fairseq_knnlm.store.datastore import DatastoreWriter
 
 N, DIM = 2000, 16
 

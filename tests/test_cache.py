@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.cache import cache_log_prob, interpolate_cache, next_tokens
-from fairseq_knnlm.knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.scoring.cache import cache_log_prob, interpolate_cache, next_tokens
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 
 def test_cache_matches_loop_and_is_causal():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fairseq_knnlm.datastore import (
+from fairseq_knnlm.store.datastore import (
     DatastoreError,
     DatastoreWriter,
     keys_path,
@@ -103,7 +103,7 @@ def test_bad_rows_rejected(tmp_path):
 _DUMP_SCRIPT = """
 import os, sys, time
 import numpy as np
-from fairseq_knnlm.datastore import DatastoreError, DatastoreWriter
+from fairseq_knnlm.store.datastore import DatastoreError, DatastoreWriter
 prefix, marker, go, hold = sys.argv[1], int(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 open(f"{go}.ready{marker}", "w").close()
 while not os.path.exists(go):
@@ -200,7 +200,7 @@ def test_every_dump_gets_its_own_id(tmp_path):
 
 def test_keys_in_memory_are_a_real_copy(tmp_path):
     """--move-dstore-to-mem: an in-RAM array, not a view of the mapped file (also sharded)."""
-    from fairseq_knnlm.shards import shard_prefix, write_manifest
+    from fairseq_knnlm.store.shards import shard_prefix, write_manifest
 
     keys, _, _ = _write(tmp_path / "ds")
     ds = open_datastore(tmp_path / "ds", keys_in_memory=True)
@@ -218,8 +218,8 @@ def test_keys_in_memory_are_a_real_copy(tmp_path):
 
 
 def test_head_of_a_sharded_datastore_is_a_plain_one(tmp_path):
-    from fairseq_knnlm.datastore import head_datastore
-    from fairseq_knnlm.shards import shard_prefix, write_manifest
+    from fairseq_knnlm.store.datastore import head_datastore
+    from fairseq_knnlm.store.shards import shard_prefix, write_manifest
 
     keys, vals, pos = _write(tmp_path / "full")
     for i, (a, b) in enumerate(((0, 600), (600, 1000))):
@@ -243,7 +243,7 @@ def test_manifest_dump_id_follows_its_shards(tmp_path):
     """The manifest's dump id is derived from its shards' ids: re-dumping one shard changes
     it, and a shard re-dumped after the manifest was written is refused until it is
     rewritten."""
-    from fairseq_knnlm.shards import shard_prefix, write_manifest
+    from fairseq_knnlm.store.shards import shard_prefix, write_manifest
 
     def dump(i):
         w = DatastoreWriter(shard_prefix(tmp_path / "sh", i, 2), 4)
@@ -268,7 +268,7 @@ def test_full_disk_is_a_clear_error_not_a_bus_error(tmp_path, monkeypatch):
     prefix; the unfinished files are removed and the prefix is free again."""
     import errno
 
-    from fairseq_knnlm import memmaps
+    from fairseq_knnlm.store import memmaps
 
     _write(tmp_path / "ds")  # an older datastore at the prefix
     w = DatastoreWriter(tmp_path / "ds", 16, initial_capacity=8)
@@ -319,7 +319,7 @@ import resource, signal, sys
 import numpy as np
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-from fairseq_knnlm.datastore import DatastoreError, DatastoreWriter
+from fairseq_knnlm.store.datastore import DatastoreError, DatastoreWriter
 w = DatastoreWriter(sys.argv[1], 16, initial_capacity=64)
 try:
     for _ in range(100):

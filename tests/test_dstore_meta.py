@@ -8,25 +8,26 @@ import os
 import subprocess
 import sys
 
-from fairseq_knnlm.dstore_meta import (
+from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.store.meta import (
     FINGERPRINT_FIELDS,
     DatastoreError,
     DatastoreMeta,
     combined_dump_id,
 )
-from fairseq_knnlm.errors import KNNLMError
 
 
 def test_layering_has_no_import_circle():
     """dstore_meta imports neither datastore nor shards; shards does not import datastore;
     the public names are still importable from datastore.py."""
-    code = ("import sys; import fairseq_knnlm.dstore_meta; "
-            "assert 'fairseq_knnlm.datastore' not in sys.modules; "
-            "assert 'fairseq_knnlm.shards' not in sys.modules; "
-            "import fairseq_knnlm.shards; assert 'fairseq_knnlm.datastore' not in sys.modules; "
-            "from fairseq_knnlm.datastore import DatastoreError, ShardNotReady, keys_path, "
+    code = ("import sys; import fairseq_knnlm.store.meta; "
+            "assert 'fairseq_knnlm.store.datastore' not in sys.modules; "
+            "assert 'fairseq_knnlm.store.shards' not in sys.modules; "
+            "import fairseq_knnlm.store.shards; "
+            "assert 'fairseq_knnlm.store.datastore' not in sys.modules; "
+            "from fairseq_knnlm.store.datastore import DatastoreError, ShardNotReady, keys_path, "
             "meta_path, read_meta, DatastoreMeta; "
-            "from fairseq_knnlm.shards import manifest_path, read_manifest, shard_prefix")
+            "from fairseq_knnlm.store.shards import manifest_path, read_manifest, shard_prefix")
     env = {**os.environ, "FAIRSEQ_KNNLM_NO_FAIRSEQ": "1"}
     p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                        timeout=120)
@@ -34,7 +35,7 @@ def test_layering_has_no_import_circle():
 
 
 def test_errors_are_user_errors():
-    from fairseq_knnlm.index import IndexBuildError, IndexFlagError
+    from fairseq_knnlm.index.build import IndexBuildError, IndexFlagError
 
     assert issubclass(DatastoreError, KNNLMError) and issubclass(IndexBuildError, KNNLMError)
     assert issubclass(IndexFlagError, ValueError)

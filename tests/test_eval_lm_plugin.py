@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import BIN, TPS, eval_args, eval_lm_inprocess, parse_ppl, run
 
-from fairseq_knnlm.datastore import DatastoreError, open_datastore
 from fairseq_knnlm.flags import KEY_TYPES
-from fairseq_knnlm.hooks import KeyCapture
+from fairseq_knnlm.plugin.hooks import KeyCapture
+from fairseq_knnlm.store.datastore import DatastoreError, open_datastore
 
 
 def _stream(tiny: dict, subset: str) -> np.ndarray:
@@ -166,7 +166,7 @@ def test_mismatched_datastore_is_refused(tiny, dstore):
     other = tiny["dir"] / "dstore_kt" / "other"
     eval_lm_inprocess(eval_args(tiny, "train", "--save-knnlm-dstore", "--dstore-mmap",
                                 str(other), "--knn-keytype", "ffn_output"))
-    from fairseq_knnlm.index import IndexSettings, build_index
+    from fairseq_knnlm.index.build import IndexSettings, build_index
 
     build_index(other, f"{other}.flat", IndexSettings(index_type="flat"), progress=False)
     with pytest.raises(DatastoreError, match="key type: datastore 'ffn_output'"):
@@ -226,7 +226,7 @@ def test_cache_alone_and_with_knn(tiny, dstore):
 
 
 def test_saved_neighbors_reproduce_online_scores(tiny, dstore):
-    from fairseq_knnlm.sweep import load_neighbors, sweep
+    from fairseq_knnlm.offline.sweep import load_neighbors, sweep
 
     out = tiny["dir"] / "nbrs" / "test"
     res = eval_lm_inprocess(eval_args(tiny, "test", *_knn_args(

@@ -6,7 +6,7 @@ Run: python -m pytest -q tests/test_eval_progress.py
 
 from __future__ import annotations
 
-from fairseq_knnlm.eval_progress import EvalProgress, eval_progress_line
+from fairseq_knnlm.plugin.eval_progress import EvalProgress, eval_progress_line
 
 
 class Clock:
@@ -44,7 +44,7 @@ def test_logs_at_most_once_per_interval():
 
 
 def test_interval_defaults_to_the_module_constant(monkeypatch):
-    from fairseq_knnlm import eval_progress
+    from fairseq_knnlm.plugin import eval_progress
 
     monkeypatch.setattr(eval_progress, "PROGRESS_INTERVAL_S", 0.0)
     lines: list[str] = []

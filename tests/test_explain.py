@@ -20,13 +20,13 @@ import pytest
 import torch
 from conftest import eval_args, eval_lm_inprocess
 
-from fairseq_knnlm import explain as ex
-from fairseq_knnlm import explain_aggregate as ea
 from fairseq_knnlm.cli.explain import cli_main
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.explain_html import render_html
-from fairseq_knnlm.retriever import Retrieved
-from fairseq_knnlm.runtime import ScoredBatch
+from fairseq_knnlm.explain import aggregate as ea
+from fairseq_knnlm.explain import document as ex
+from fairseq_knnlm.explain.html import render_html
+from fairseq_knnlm.plugin.runtime import ScoredBatch
+from fairseq_knnlm.search.retriever import Retrieved
+from fairseq_knnlm.store.datastore import open_datastore
 
 KNN = ("--k", "8", "--lmbda", "0.25", "--knn-temp", "10")
 
@@ -47,7 +47,7 @@ def test_top_neighbours_order_weights_ranks_and_targets():
     tgt = ex.top_neighbours(ids, dists, vals, valid, 2.0, top=2, among=vals == 7)
     assert tgt.rows.tolist() == [[12, 10]] and tgt.ranks.tolist() == [[2, 3]]
     # the weights of the neighbours carrying the target add up to p_kNN
-    from fairseq_knnlm.knn import knn_log_prob
+    from fairseq_knnlm.scoring.knn import knn_log_prob
 
     p = math.exp(float(knn_log_prob(dists, vals, torch.tensor([7]), 2.0, valid)[0]))
     assert float(tgt.weights.sum()) == pytest.approx(p, rel=1e-6)
@@ -69,7 +69,7 @@ def _batch(positions, targets, k=3, seed=0):
 
 
 def ex_interp(lm, knn):
-    from fairseq_knnlm.knn import interpolate
+    from fairseq_knnlm.scoring.knn import interpolate
 
     return interpolate(lm, knn, 0.25)
 
@@ -139,7 +139,7 @@ def test_buckets_and_labels():
 
 
 def test_blocks_for_range_and_the_covering_shard():
-    from fairseq_knnlm.shards import contiguous_range
+    from fairseq_knnlm.store.shards import contiguous_range
 
     slices = np.array([[0, 16], [16, 32], [32, 48], [48, 60]])
     assert ex.blocks_for_range(slices, 0, 60) == (0, 4)

@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import BIN, eval_args, eval_lm_inprocess
 
-from fairseq_knnlm.finite import NonFiniteScore, nonfinite_reason, nonfinite_rows
-from fairseq_knnlm.knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.scoring.finite import NonFiniteScore, nonfinite_reason, nonfinite_rows
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 
 def test_nonfinite_rows_counts_the_floor_as_log_zero():
@@ -69,7 +69,7 @@ def test_nan_keys_stop_the_run_with_the_datastore_named(tiny, dstore, tmp_path):
         if f.name.startswith(dstore.name):
             shutil.copy(f, d / f.name)
     prefix = d / dstore.name
-    from fairseq_knnlm.datastore import read_meta
+    from fairseq_knnlm.store.datastore import read_meta
 
     meta = read_meta(prefix)  # raw (headerless) keys, as the authors' layout
     keys = np.memmap(f"{prefix}_keys.npy", dtype=meta.key_dtype, mode="r+",

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.cache import cache_log_prob, interpolate_cache
-from fairseq_knnlm.knn import interpolate, knn_log_prob, recompute_distances
+from fairseq_knnlm.scoring.cache import cache_log_prob, interpolate_cache
+from fairseq_knnlm.scoring.knn import interpolate, knn_log_prob, recompute_distances
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 
@@ -55,7 +55,7 @@ def test_cache_on_cuda_matches_cpu():
 
 
 def test_recompute_distances_from_sharded_keys_with_cuda_queries():
-    from fairseq_knnlm.shards import ConcatRows
+    from fairseq_knnlm.store.shards import ConcatRows
 
     rng = np.random.default_rng(1)
     keys = rng.standard_normal((3000, 64)).astype(np.float16)
@@ -74,7 +74,7 @@ def test_faiss_gpu_index_and_shards():
     faiss = pytest.importorskip("faiss")
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("FAISS has no GPU support here (faiss-cpu build)")
-    from fairseq_knnlm.index import _to_gpu, set_probe
+    from fairseq_knnlm.index.build import _to_gpu, set_probe
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20000, 64)).astype(np.float32)

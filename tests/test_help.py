@@ -12,8 +12,8 @@ import pytest
 from conftest import BIN, ROOT, USER_DIR
 from fairseq import options
 
-from fairseq_knnlm import help_patch
-from fairseq_knnlm.config import KNNLMOptions
+from fairseq_knnlm.plugin import help_patch
+from fairseq_knnlm.plugin.config import KNNLMOptions
 
 KNN_FLAGS = ["--" + f.name.replace("_", "-") for f in dataclasses.fields(KNNLMOptions)]
 # pieces of help text (issue #14: the pointer flags must be documented in --help)

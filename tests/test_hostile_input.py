@@ -27,7 +27,7 @@ from fairseq_knnlm.cli.build_index import cli_main as build_main
 from fairseq_knnlm.cli.clusters import cli_main as clusters_main
 from fairseq_knnlm.cli.explain import cli_main as explain_main
 from fairseq_knnlm.cli.sweep import cli_main as sweep_main
-from fairseq_knnlm.datastore import DatastoreError, read_meta
+from fairseq_knnlm.store.datastore import DatastoreError, read_meta
 
 K, T = "8", "2"
 
@@ -206,9 +206,9 @@ def test_clusters_of_another_datastore(dstore, work, tmp_path):
     """Clusters built from another dump of the datastore are refused by eval-lm, naming the
     flag (this already worked: kept as a guard)."""
     other = copy_dstore(dstore, tmp_path / "other")
-    from fairseq_knnlm.datastore import open_datastore
+    from fairseq_knnlm.adaptive.pointers import load_clusters
     from fairseq_knnlm.errors import FlagError
-    from fairseq_knnlm.pointers import load_clusters
+    from fairseq_knnlm.store.datastore import open_datastore
 
     with pytest.raises(FlagError, match="--knn-clusters .* another datastore"):
         load_clusters(work["clusters"], open_datastore(other))
@@ -337,7 +337,7 @@ def test_explain_empty_text(tiny, dstore, tmp_path, capsys, root_handlers):
 
 def test_explain_empty_subset(tiny, dstore, tmp_path, capsys, root_handlers):
     """A split of 0 tokens. Before: fairseq's 'cannot mmap an empty file' traceback."""
-    from fairseq_knnlm.explain import binarize_text
+    from fairseq_knnlm.explain.document import binarize_text
 
     data = tmp_path / "bin"
     shutil.copytree(tiny["data"], data)
@@ -394,7 +394,7 @@ def test_damaged_lambda_model(work, model, tmp_path, capsys, kind):
                    "dies in fairseq's reader ('cannot mmap an empty file' traceback) instead "
                    "of one line naming --gen-subset")
 def test_eval_lm_empty_subset(tiny, dstore, tmp_path):
-    from fairseq_knnlm.explain import binarize_text
+    from fairseq_knnlm.explain.document import binarize_text
 
     data = tmp_path / "bin"
     shutil.copytree(tiny["data"], data)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.knn import (
+from fairseq_knnlm.scoring.knn import (
     KNN_LOGP_FLOOR,
     interpolate,
     knn_log_prob,

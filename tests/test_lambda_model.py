@@ -13,9 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.knn import KNN_LOGP_FLOOR, interpolate
-from fairseq_knnlm.lambda_model import (
+from fairseq_knnlm.adaptive.lambda_model import (
     AGREEMENT_FEATURES,
     FEATURES,
     FORMAT,
@@ -44,6 +42,8 @@ from fairseq_knnlm.lambda_model import (
     top_value_mass,
     uses_search,
 )
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, interpolate
 
 
 @pytest.fixture(autouse=True)

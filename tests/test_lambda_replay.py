@@ -20,8 +20,7 @@ import pytest
 import torch
 from conftest import BIN, eval_args, eval_lm_inprocess, run, searches_logged
 
-from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.lambda_model import (
+from fairseq_knnlm.adaptive.lambda_model import (
     AGREEMENT_FEATURES,
     ConstantHead,
     LambdaModel,
@@ -29,6 +28,7 @@ from fairseq_knnlm.lambda_model import (
     load_model,
     save_model,
 )
+from fairseq_knnlm.errors import FlagError
 
 K, T = "8", "2"
 
@@ -78,7 +78,7 @@ def _vocab(tiny) -> int:
 # ---- what the scorer saves ----
 
 def test_saved_lm_features_are_those_of_the_lm(saved):
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     nb = load_neighbors(saved["valid"])
     a = {k: np.asarray(v) for k, v in nb.arrays.items()}
@@ -108,7 +108,7 @@ def test_scorer_features_equal_the_full_distribution(tiny, tmp_path, adaptive):
     adaptive softmax, whose target-given log-probs fill only the targets' clusters, too."""
     from fairseq import checkpoint_utils
 
-    from fairseq_knnlm.scorer import KNNSequenceScorer
+    from fairseq_knnlm.plugin.scorer import KNNSequenceScorer
 
     ckpt = tiny["ckpt"]
     if adaptive:
@@ -166,7 +166,7 @@ def test_skip_below_zero_searches_every_token(tiny, dstore, saved, caplog):
 
 
 def load_datastore_values(nb):
-    from fairseq_knnlm.lambda_replay import datastore_values
+    from fairseq_knnlm.offline.lambda_replay import datastore_values
 
     return datastore_values(nb)[0]
 
@@ -178,8 +178,8 @@ def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path, which):
     LM-neighbour agreement ones included; or one mixing three temperatures) differs from the
     fixed lambda."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.lambda_replay import token_inputs
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.lambda_replay import token_inputs
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved[which]
@@ -311,8 +311,8 @@ def test_eval_lm_refuses_a_model_fitted_for_other_settings(tiny, dstore, saved, 
 def test_lambda_flags_refused_with_the_flag_named(flags, match):
     from dataclasses import replace
 
-    from fairseq_knnlm.config import KNNLMOptions
     from fairseq_knnlm.flags import check_flags
+    from fairseq_knnlm.plugin.config import KNNLMOptions
 
     with pytest.raises(FlagError, match=re.escape(match)):
         check_flags(replace(KNNLMOptions(), **flags))
@@ -335,8 +335,8 @@ def test_skipping_with_pointers(tiny, dstore, saved, caplog):
     followed, and the line counts them."""
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     model = load_model(saved["mlp"])
-    from fairseq_knnlm.lambda_replay import token_inputs
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.lambda_replay import token_inputs
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature)
     gate = model.gate_lambdas({f: torch.from_numpy(v) for f, v in inp.x.items()}, len(inp))
@@ -403,8 +403,8 @@ def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog,
     (--knn-clusters) and --knn-skip-below: same searches, pointer tokens and perplexity;
     fewer searches than tokens."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.lambda_replay import _pre_x
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.lambda_replay import _pre_x
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved_ptr["model" if which == "plain" else "clmodel"]
@@ -472,7 +472,7 @@ def test_pointer_model_refusals(tiny, dstore, saved, saved_ptr, tmp_path, capsys
 # ---- finite or refused (issue 23) ----
 
 def _huge_head(z: float):
-    from fairseq_knnlm.lambda_model import MLPHead
+    from fairseq_knnlm.adaptive.lambda_model import MLPHead
 
     return MLPHead(("lm_entropy",), np.zeros(1, np.float32), np.ones(1, np.float32),
                    [np.zeros((1, 1), np.float32)], [np.array([z], np.float32)])
@@ -484,9 +484,9 @@ def test_huge_logits_are_finite_and_equal_online_in_the_replay_and_the_fitter(
     """lambda = sigmoid(z) rounds to 1 in float32 for z > ~17: the mixture is taken from the
     logit in log space, by one function online, in the replay and in the fitter's held-out
     evaluation, so all three give the same finite perplexity (before: Perplexity inf)."""
-    from fairseq_knnlm.lambda_model import head_nll
-    from fairseq_knnlm.lambda_replay import replay, searched_nll, token_inputs
-    from fairseq_knnlm.sweep import load_neighbors, ppl_from_nll
+    from fairseq_knnlm.adaptive.lambda_model import head_nll
+    from fairseq_knnlm.offline.lambda_replay import replay, searched_nll, token_inputs
+    from fairseq_knnlm.offline.sweep import load_neighbors, ppl_from_nll
 
     head = _huge_head(z)
     vocab = _vocab(tiny)
@@ -511,7 +511,7 @@ def test_fit_lambda_refuses_a_model_worse_than_the_fixed_lambda(tiny, dstore, sa
     """A fitted head that puts lambda at ~1 everywhere (as a diverged fit would) is worse
     than the best fixed lambda on the held-out tokens: one line, exit 1, no file; --force
     saves it and says so in the file; eval-lm with it still prints a finite perplexity."""
-    import fairseq_knnlm.lambda_replay as lr
+    import fairseq_knnlm.offline.lambda_replay as lr
     from fairseq_knnlm.cli.fit_lambda import cli_main
 
     real = lr.fit_mlp

@@ -11,9 +11,9 @@ import os
 import numpy as np
 import pytest
 
-from fairseq_knnlm import memmaps
 from fairseq_knnlm.errors import KNNLMError
-from fairseq_knnlm.memmaps import (
+from fairseq_knnlm.store import memmaps
+from fairseq_knnlm.store.memmaps import (
     DiskFullError,
     LockBusy,
     RowWriter,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from fairseq_knnlm.cli.plan import cli_main, plan
-from fairseq_knnlm.datastore import DatastoreWriter, keys_path, pos_path, vals_path
+from fairseq_knnlm.store.datastore import DatastoreWriter, keys_path, pos_path, vals_path
 
 
 def test_plan_matches_real_files(tmp_path):

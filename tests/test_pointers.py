@@ -18,9 +18,7 @@ import pytest
 import torch
 from conftest import eval_args, eval_lm_inprocess, searches_logged
 
-from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.knn import recompute_distances
-from fairseq_knnlm.pointers import (
+from fairseq_knnlm.adaptive.pointers import (
     POINTERS,
     SEARCH,
     SKIP,
@@ -37,7 +35,9 @@ from fairseq_knnlm.pointers import (
     stream_continues,
     successors,
 )
-from fairseq_knnlm.sweep import replay_pieces
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.offline.sweep import replay_pieces
+from fairseq_knnlm.scoring.knn import recompute_distances
 
 # ---- plain functions ----
 
@@ -281,7 +281,7 @@ def _self_rows(tiny, dstore, max_tokens: str, caplog) -> tuple[int, int, list]:
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from fairseq_knnlm.eval_lm_patch import knnlm_main
+    from fairseq_knnlm.plugin.eval_lm_patch import knnlm_main
 
     batches: list = []
     args = eval_args(tiny, "train", *_knn(dstore, "--k", "8", "--knn-pointers",
@@ -301,7 +301,7 @@ def test_pointers_follow_the_text_across_batches_and_context_windows(tiny, dstor
     so only the very first token is searched. Many blocks per batch: rows of a batch start
     fresh (their previous block is scored in the same step), row 0 continues the previous
     batch: one search per block, less one per batch after the first."""
-    from fairseq_knnlm.datastore import open_datastore
+    from fairseq_knnlm.store.datastore import open_datastore
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     row_of = np.empty(open_datastore(dstore).size, dtype=np.int64)
@@ -330,7 +330,7 @@ def test_replay_equals_online_runs(tiny, dstore, tmp_path, caplog):
     """knnlm-sweep --pointer-thresholds from one full-search pass equals the online runs with
     those thresholds: same number of searches, same perplexity."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2", "--knn-pointers")
@@ -389,8 +389,8 @@ def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
         ppl, searches = online[r["min_pointers"], True]
         assert r["searches"] == searches and r["ppl"] == pytest.approx(ppl, rel=1e-5), r
     with pytest.raises(FlagError, match="--knn-clusters .* another datastore"):
-        from fairseq_knnlm.datastore import open_datastore
-        from fairseq_knnlm.pointers import load_clusters
+        from fairseq_knnlm.adaptive.pointers import load_clusters
+        from fairseq_knnlm.store.datastore import open_datastore
 
         other = tmp_path / "other"
         eval_lm_inprocess(eval_args(tiny, "valid", "--save-knnlm-dstore", "--dstore-mmap",
@@ -399,7 +399,7 @@ def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
 
 
 def _searches_total(prefix) -> int:
-    from fairseq_knnlm.sweep import load_neighbors
+    from fairseq_knnlm.offline.sweep import load_neighbors
 
     return load_neighbors(prefix).n
 
@@ -408,7 +408,7 @@ def test_pointer_pass_neighbours_sweep_and_refusals(tiny, dstore, tmp_path):
     """A pass scored partly from pointers saves what it used: sweeping its lambda and T at its
     k works; k' < k, FAISS distances or a replay of it are refused with the flag named."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.sweep import check_sweep, load_neighbors, sweep
+    from fairseq_knnlm.offline.sweep import check_sweep, load_neighbors, sweep
 
     prefix = tmp_path / "ptr" / "valid"
     res = eval_lm_inprocess(eval_args(tiny, "valid", *_knn(
@@ -441,7 +441,7 @@ def test_replay_needs_a_pointer_pass(tiny, dstore, tmp_path, capsys):
 
 
 def _opts(**flags):
-    from fairseq_knnlm.config import KNNLMOptions
+    from fairseq_knnlm.plugin.config import KNNLMOptions
 
     return replace(KNNLMOptions(), **flags)
 
@@ -471,7 +471,7 @@ def test_help_documents_the_pointer_flags():
 
     from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-    from fairseq_knnlm.config import KNNLanguageModelingConfig
+    from fairseq_knnlm.plugin.config import KNNLanguageModelingConfig
 
     parser = argparse.ArgumentParser()
     gen_parser_from_dataclass(parser, KNNLanguageModelingConfig())
@@ -487,7 +487,7 @@ def test_code_distances_are_faiss_distances(factory):
     rows FAISS returns, the same distances FAISS returns (fast-scan's are approximate: its
     lookup tables are quantized to 8 bits)."""
     faiss = pytest.importorskip("faiss")
-    from fairseq_knnlm.retriever import CodeDistances
+    from fairseq_knnlm.search.retriever import CodeDistances
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((4000, 32)).astype(np.float32)

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.datastore import DatastoreWriter
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.index import IndexSettings, build_index
-from fairseq_knnlm.retriever import KNNRetriever
+from fairseq_knnlm.index.build import IndexSettings, build_index
+from fairseq_knnlm.search.retriever import KNNRetriever
+from fairseq_knnlm.store.datastore import DatastoreWriter
 
 
 @pytest.fixture(scope="module")

@@ -19,9 +19,7 @@ import numpy as np
 import pytest
 from conftest import BIN, eval_args, eval_lm_inprocess
 
-from fairseq_knnlm.datastore import DatastoreError, open_datastore
 from fairseq_knnlm.errors import FlagError, KNNLMError
-from fairseq_knnlm.eval_lm_patch import debug_requested, user_error_message
 from fairseq_knnlm.flags import (
     canonical_keytype,
     check_dstore_size,
@@ -29,14 +27,16 @@ from fairseq_knnlm.flags import (
     check_model_overrides,
     same_key_state,
 )
-from fairseq_knnlm.shards import shard_prefix
-from fairseq_knnlm.sweep import load_neighbors, sweep
+from fairseq_knnlm.offline.sweep import load_neighbors, sweep
+from fairseq_knnlm.plugin.eval_lm_patch import debug_requested, user_error_message
+from fairseq_knnlm.store.datastore import DatastoreError, open_datastore
+from fairseq_knnlm.store.shards import shard_prefix
 
 KNN_ON = {"knnlm": True, "dstore_filename": "d", "indexfile": "i"}
 
 
 def _opts(**flags):
-    from fairseq_knnlm.config import KNNLMOptions
+    from fairseq_knnlm.plugin.config import KNNLMOptions
 
     return replace(KNNLMOptions(), **flags)
 
@@ -125,11 +125,11 @@ def test_user_error_message_from_this_process_and_from_a_spawned_rank():
 
     e = rank_failed("fairseq_knnlm.errors.FlagError: --probe must be >= 1, got 0")
     assert user_error_message(e) == "--probe must be >= 1, got 0"
-    e = rank_failed("fairseq_knnlm.datastore.DatastoreError: no datastore at x")
+    e = rank_failed("fairseq_knnlm.store.datastore.DatastoreError: no datastore at x")
     assert user_error_message(e) == "no datastore at x"
     assert user_error_message(rank_failed("ValueError: a bug")) is None
-    assert user_error_message(rank_failed("fairseq_knnlm.runtime.Nope: x")) is None
-    assert user_error_message(rank_failed("fairseq_knnlm.runtime.KNNEvalRuntime: x")) is None
+    assert user_error_message(rank_failed("fairseq_knnlm.plugin.runtime.Nope: x")) is None
+    assert user_error_message(rank_failed("fairseq_knnlm.plugin.runtime.KNNEvalRuntime: x")) is None
 
 
 def test_debug_switch():
@@ -232,15 +232,16 @@ def test_saved_neighbors_of_shards_read_as_one(tiny, dstore, tmp_path):
 
 
 def test_progress_lines(tiny, dstore, tmp_path, monkeypatch, caplog):
-    from fairseq_knnlm import eval_progress
+    from fairseq_knnlm.plugin import eval_progress
 
     monkeypatch.setattr(eval_progress, "PROGRESS_INTERVAL_S", 0.0)
-    caplog.set_level(logging.INFO, logger="fairseq_knnlm.eval_progress")
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm.plugin.eval_progress")
     prefix = tmp_path / "progress" / "valid"
     eval_lm_inprocess(eval_args(tiny, "valid", "--save-knnlm-dstore", "--dstore-mmap",
                                 str(prefix), *_knn(dstore, "--k", "8"), "--max-tokens", "128"))
     n = open_datastore(prefix).size
-    lines = [r.getMessage() for r in caplog.records if r.name == "fairseq_knnlm.eval_progress"]
+    lines = [r.getMessage() for r in caplog.records
+             if r.name == "fairseq_knnlm.plugin.eval_progress"]
     assert len(lines) >= 2, lines
     assert all(f" of {n:,} tokens (" in line and "tokens/s, ETA" in line for line in lines)
     assert lines[-1].startswith(f"progress (dump + kNN-LM): {n:,} of {n:,} tokens (100.0%)")
@@ -262,8 +263,8 @@ def test_observers_get_the_scorer_numbers(tiny, dstore):
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from fairseq_knnlm.eval_lm_patch import knnlm_main
-    from fairseq_knnlm.knn import interpolate
+    from fairseq_knnlm.plugin.eval_lm_patch import knnlm_main
+    from fairseq_knnlm.scoring.knn import interpolate
 
     batches = []
     args = eval_args(tiny, "test", "--knnlm", "--dstore-filename", str(dstore), "--indexfile",

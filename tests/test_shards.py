@@ -16,8 +16,8 @@ import pytest
 from conftest import BIN, eval_args, eval_lm_inprocess
 
 from fairseq_knnlm.cli.manifest import cli_main as manifest_cli
-from fairseq_knnlm.datastore import DatastoreError, DatastoreWriter, open_datastore
-from fairseq_knnlm.shards import (
+from fairseq_knnlm.store.datastore import DatastoreError, DatastoreWriter, open_datastore
+from fairseq_knnlm.store.shards import (
     ConcatRows,
     contiguous_range,
     left_context,
@@ -128,7 +128,7 @@ def test_manifest_errors_are_clear(tiny, tmp_path):
 def test_sharded_datastore_scores_like_single(tiny, dstore, sharded):
     """kNN-LM over the 3-shard datastore (flat index, exact L2 read through the shards) gives
     the single datastore's perplexity."""
-    from fairseq_knnlm.index import IndexSettings, build_index
+    from fairseq_knnlm.index.build import IndexSettings, build_index
 
     prefix = sharded
     build_index(prefix, f"{prefix}.flat", IndexSettings(index_type="flat"), progress=False)

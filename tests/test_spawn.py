@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 from conftest import eval_args, eval_lm_inprocess
 
-from fairseq_knnlm.datastore import open_datastore
-from fairseq_knnlm.shards import manifest_path
-from fairseq_knnlm.sweep import load_neighbors
+from fairseq_knnlm.offline.sweep import load_neighbors
+from fairseq_knnlm.store.datastore import open_datastore
+from fairseq_knnlm.store.shards import manifest_path
 
 DRIVER = '''\
 import sys

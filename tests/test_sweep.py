@@ -12,8 +12,7 @@ import pytest
 import torch
 
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.knn import KNN_LOGP_FLOOR, interpolate, knn_log_prob, recompute_distances
-from fairseq_knnlm.sweep import (
+from fairseq_knnlm.offline.sweep import (
     NeighborsError,
     NeighborWriter,
     knn_logp_for_ks,
@@ -23,6 +22,7 @@ from fairseq_knnlm.sweep import (
     sweep,
     write_neighbors_manifest,
 )
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, interpolate, knn_log_prob, recompute_distances
 
 K = 32
 KS = (1, 2, 3, 5, 8, 16, 32)
@@ -363,7 +363,7 @@ def test_eval_lm_runs_match_the_sweep_on_ivfpq(tiny, dstore):
     those k (default selection); at --lmbda 1 the sweep row is inf and eval-lm stops."""
     from conftest import eval_args, eval_lm_inprocess
 
-    from fairseq_knnlm.index import IndexSettings, build_index
+    from fairseq_knnlm.index.build import IndexSettings, build_index
 
     index = f"{dstore}.ivfpq_sweep"
     build_index(dstore, index, IndexSettings(index_type="ivfpq", ncentroids=16, code_size=8),
@@ -388,7 +388,7 @@ def test_eval_lm_runs_match_the_sweep_on_ivfpq(tiny, dstore):
     assert any(abs(v - 1) > 1e-3 for v in exact.values()), exact  # IVFPQ order != exact L2
     # --lmbda 1: a target missing from its 4 neighbours has p = 0; the sweep reports the
     # row (inf), eval-lm stops at that token with one line instead of printing inf
-    from fairseq_knnlm.finite import NonFiniteScore
+    from fairseq_knnlm.scoring.finite import NonFiniteScore
 
     r = by[(4, 1.0)]
     assert math.isinf(r["ppl"])

@@ -14,7 +14,7 @@ import pytest
 import torch
 from conftest import eval_args, eval_lm_inprocess
 
-from fairseq_knnlm.torch_search import TorchExactIndex
+from fairseq_knnlm.search.torch_search import TorchExactIndex
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ for f in $FRACS; do
   n=$(python -c "print(int($N * $f))")
   sub="$RUN_DIR/dstore_size/train_$f"
   if [ ! -f "${sub}_meta.json" ]; then
-    python -c "from fairseq_knnlm.datastore import head_datastore as h; import sys; h(sys.argv[1], sys.argv[2], int(sys.argv[3]))" "$DSTORE" "$sub" "$n"
+    python -c "from fairseq_knnlm.store.datastore import head_datastore as h; import sys; h(sys.argv[1], sys.argv[2], int(sys.argv[3]))" "$DSTORE" "$sub" "$n"
   fi
   if [ ! -f "$sub.index.meta.json" ]; then
     knnlm-build-index --dstore-mmap "$sub" --faiss-index "$sub.index" --no-progress \

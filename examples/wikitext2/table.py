@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from fairseq_knnlm.sweep import best, load_neighbors, sweep
+from fairseq_knnlm.offline.sweep import best, load_neighbors, sweep
 
 
 def format_row(name: str, s: dict, ppl: dict, base_test: float | None) -> str:

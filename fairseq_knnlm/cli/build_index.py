@@ -31,9 +31,8 @@ import logging
 import sys
 from typing import Optional
 
-from ..datastore import DatastoreMeta, read_meta
-from ..errors import KNNLMError
-from ..index import (
+from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.index.build import (
     INDEX_TYPES,
     IndexBuildError,
     IndexFlagError,
@@ -43,6 +42,7 @@ from ..index import (
     validate_build_args,
     validate_settings,
 )
+from fairseq_knnlm.store.datastore import DatastoreMeta, read_meta
 
 logger = logging.getLogger("fairseq_knnlm.cli.build_index")
 

@@ -17,9 +17,9 @@ import logging
 import sys
 from typing import Optional
 
-from ..datastore import open_datastore
-from ..errors import FlagError, KNNLMError
-from ..pointers import _cluster_paths, build_clusters
+from fairseq_knnlm.adaptive.pointers import _cluster_paths, build_clusters
+from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.store.datastore import open_datastore
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:

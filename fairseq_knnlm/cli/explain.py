@@ -33,7 +33,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..errors import FlagError, KNNLMError
+from fairseq_knnlm.errors import FlagError, KNNLMError
 
 logger = logging.getLogger("fairseq_knnlm.cli.explain")
 PROG = "knnlm-explain"
@@ -144,7 +144,7 @@ def eval_blocks(cfg: Any) -> tuple[np.ndarray, list[str]]:
 
 def train_text(data_dir: Path, ds: Any, context_tokens: int) -> Any:
     """Where neighbour contexts come from: DATA/<the datastore's split>, or why not."""
-    from ..explain import TrainText, load_split_stream
+    from fairseq_knnlm.explain.document import TrainText, load_split_stream
 
     split = ds.meta.subset
     stream = load_split_stream(data_dir, split) if split else None
@@ -163,12 +163,12 @@ def run(own: argparse.Namespace, rest: list[str]) -> int:
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    from .. import explain as ex
-    from .. import explain_aggregate as ea
-    from ..datastore import open_datastore
-    from ..eval_lm_patch import knnlm_main
-    from ..explain_html import render_html
-    from ..flags import check_flags
+    from fairseq_knnlm.explain import aggregate as ea
+    from fairseq_knnlm.explain import document as ex
+    from fairseq_knnlm.explain.html import render_html
+    from fairseq_knnlm.flags import check_flags
+    from fairseq_knnlm.plugin.eval_lm_patch import knnlm_main
+    from fairseq_knnlm.store.datastore import open_datastore
 
     args = options.parse_args_and_arch(options.get_eval_lm_parser(), eval_lm_argv(rest))
     if getattr(args, "save_knnlm_dstore", False):

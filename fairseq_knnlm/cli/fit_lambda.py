@@ -37,18 +37,24 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from ..errors import FlagError, KNNLMError
-from ..lambda_model import FEATURES, KINDS, POST_FEATURES, freq_table, save_model
-from ..lambda_replay import (
+from fairseq_knnlm.adaptive.lambda_model import (
+    FEATURES,
+    KINDS,
+    POST_FEATURES,
+    freq_table,
+    save_model,
+)
+from fairseq_knnlm.adaptive.pointers import load_clusters
+from fairseq_knnlm.cli.sweep import floats
+from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.offline.lambda_replay import (
     datastore_values,
     fit_model,
     open_pass_datastore,
     pointer_token_inputs,
     token_inputs,
 )
-from ..pointers import load_clusters
-from ..sweep import load_neighbors
-from .sweep import floats
+from fairseq_knnlm.offline.sweep import load_neighbors
 
 logger = logging.getLogger(__name__)
 

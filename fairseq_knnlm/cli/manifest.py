@@ -16,8 +16,8 @@ import logging
 import sys
 from typing import Optional
 
-from ..datastore import DatastoreError
-from ..shards import write_manifest
+from fairseq_knnlm.store.datastore import DatastoreError
+from fairseq_knnlm.store.shards import write_manifest
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:

@@ -45,8 +45,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
-from ..errors import FlagError, KNNLMError
-from ..sweep import (
+from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.offline.sweep import (
     DISTS,
     K_SELECTS,
     best,
@@ -219,7 +219,7 @@ def run_sweep(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
 
 def run_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     """Pointer replay rows (sweep.replay_pointers) for args.neighbors."""
-    from ..datastore import open_datastore
+    from fairseq_knnlm.store.datastore import open_datastore
 
     nb = load_neighbors(args.neighbors)
     check_replay(nb, args.pointer_thresholds, args.lambdas, args.temps)
@@ -233,7 +233,7 @@ def run_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
                         "(its fingerprint differs)")
     clusters = None
     if args.clusters:
-        from ..pointers import load_clusters
+        from fairseq_knnlm.adaptive.pointers import load_clusters
 
         clusters = load_clusters(args.clusters, ds, limit=2 * int(nb.meta["k"]),
                                  flag="--clusters")
@@ -285,8 +285,8 @@ def replay_main(args: argparse.Namespace) -> int:
 def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
     """Rows of --lambda-model replayed at each --skip-below, and the best fixed lambda of
     --lambdas at the model's k, temperature and distance on the same tokens."""
-    from ..lambda_model import load_model
-    from ..lambda_replay import (
+    from fairseq_knnlm.adaptive.lambda_model import load_model
+    from fairseq_knnlm.offline.lambda_replay import (
         open_pass_datastore,
         replay,
         replay_with_pointers,
@@ -306,7 +306,7 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
         ds = open_pass_datastore(nb, load_keys=True)
         clusters = None
         if model.clusters is not None:  # --clusters, or the prefix the model was fitted with
-            from ..pointers import load_clusters
+            from fairseq_knnlm.adaptive.pointers import load_clusters
 
             prefix = args.clusters or model.info.get("clusters_prefix")
             if not prefix:

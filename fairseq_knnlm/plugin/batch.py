@@ -12,7 +12,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..retriever import Retrieved
+from fairseq_knnlm.search.retriever import Retrieved
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..cache import cache_log_prob, interpolate_cache, next_tokens
-from .batch import Batch
+from fairseq_knnlm.plugin.batch import Batch
+from fairseq_knnlm.scoring.cache import cache_log_prob, interpolate_cache, next_tokens
 
 
 class CacheScorer:

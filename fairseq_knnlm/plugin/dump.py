@@ -9,9 +9,9 @@ from typing import Any, Optional
 
 import numpy as np
 
-from ..datastore import DatastoreError, DatastoreWriter, read_meta
-from ..shards import try_write_manifest
-from .run import RunInfo
+from fairseq_knnlm.plugin.run import RunInfo
+from fairseq_knnlm.store.datastore import DatastoreError, DatastoreWriter, read_meta
+from fairseq_knnlm.store.shards import try_write_manifest
 
 logger = logging.getLogger(__name__)
 

@@ -10,12 +10,14 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from ..datastore import DatastoreError, read_meta
-from ..errors import FlagError
-from ..flags import check_dstore_size, normalize_sim_func, same_key_state
-from ..knn import interpolate
-from ..lambda_model import LambdaModel, check_model_flags, knn_features, load_model, pre_features
-from ..pointers import (
+from fairseq_knnlm.adaptive.lambda_model import (
+    LambdaModel,
+    check_model_flags,
+    knn_features,
+    load_model,
+    pre_features,
+)
+from fairseq_knnlm.adaptive.pointers import (
     SKIP,
     CarriedPointers,
     Clusters,
@@ -25,8 +27,12 @@ from ..pointers import (
     load_clusters,
     searches_line,
 )
-from ..retriever import KNNRetriever, Retrieved
-from .batch import Batch
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.flags import check_dstore_size, normalize_sim_func, same_key_state
+from fairseq_knnlm.plugin.batch import Batch
+from fairseq_knnlm.scoring.knn import interpolate
+from fairseq_knnlm.search.retriever import KNNRetriever, Retrieved
+from fairseq_knnlm.store.datastore import DatastoreError, read_meta
 
 logger = logging.getLogger(__name__)
 Positions = Callable[[dict, Batch], np.ndarray]

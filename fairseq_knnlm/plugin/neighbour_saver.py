@@ -9,13 +9,13 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..knn import recompute_distances
-from ..retriever import KNNRetriever, Retrieved
-from ..sweep import NeighborWriter, write_neighbors_manifest
-from ..sweep import manifest_path as neighbors_manifest_path
-from ..sweep import meta_path as neighbors_meta_path
-from .batch import Batch
-from .run import RunInfo
+from fairseq_knnlm.offline.sweep import NeighborWriter, write_neighbors_manifest
+from fairseq_knnlm.offline.sweep import manifest_path as neighbors_manifest_path
+from fairseq_knnlm.offline.sweep import meta_path as neighbors_meta_path
+from fairseq_knnlm.plugin.batch import Batch
+from fairseq_knnlm.plugin.run import RunInfo
+from fairseq_knnlm.scoring.knn import recompute_distances
+from fairseq_knnlm.search.retriever import KNNRetriever, Retrieved
 
 
 class NeighbourSaver:

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..errors import FlagError
-from ..flags import canonical_keytype
-from ..shards import shard_prefix
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.flags import canonical_keytype
+from fairseq_knnlm.store.shards import shard_prefix
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 
-from ..eval_progress import EvalProgress
-from ..sweep import ppl_from_nll
-from .run import RunInfo
+from fairseq_knnlm.offline.sweep import ppl_from_nll
+from fairseq_knnlm.plugin.eval_progress import EvalProgress
+from fairseq_knnlm.plugin.run import RunInfo
 
 logger = logging.getLogger(__name__)
 

@@ -32,7 +32,7 @@ from typing import Any, Callable, Optional, Union
 
 import numpy as np
 
-from .errors import KNNLMError
+from fairseq_knnlm.errors import KNNLMError
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]

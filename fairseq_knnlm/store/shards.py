@@ -30,7 +30,8 @@ from typing import Any, Sequence, Union
 
 import numpy as np
 
-from .dstore_meta import (  # noqa: F401  (manifest_path, read_manifest: re-exported)
+from fairseq_knnlm.store.memmaps import write_json_atomic
+from fairseq_knnlm.store.meta import (  # noqa: F401  (manifest_path, read_manifest: re-exported)
     MANIFEST_VERSION,
     SHARED_FIELDS,
     DatastoreError,
@@ -41,7 +42,6 @@ from .dstore_meta import (  # noqa: F401  (manifest_path, read_manifest: re-expo
     read_meta,
     shard_prefix,
 )
-from .memmaps import write_json_atomic
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]

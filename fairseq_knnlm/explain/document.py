@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 logger = logging.getLogger(__name__)
 
@@ -383,7 +383,7 @@ def covering_shard(n_blocks: int, b0: int, b1: int) -> tuple[int, int]:
     """(num_shards, shard_id) whose contiguous run of blocks (shards.contiguous_range) holds
     blocks [b0, b1) with the fewest other blocks: eval-lm with --num-shards/--shard-id then
     scores only that run, each block behind its true left context."""
-    from .shards import contiguous_range
+    from fairseq_knnlm.store.shards import contiguous_range
 
     for shards in range(n_blocks, 0, -1):
         base, rem = divmod(n_blocks, shards)

@@ -38,7 +38,16 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .dstore_meta import (  # noqa: F401  (re-exported: the public names of the datastore)
+from fairseq_knnlm.store.memmaps import (
+    DiskFullError,
+    LockBusy,
+    RowWriter,
+    WriterLock,
+    copy_to_memory,
+    open_rows,
+    write_json_atomic,
+)
+from fairseq_knnlm.store.meta import (  # noqa: F401  (re-exported: the public names of the datastore)
     FINGERPRINT_FIELDS,
     FORMAT_VERSION,
     KEY_DTYPES,
@@ -57,16 +66,7 @@ from .dstore_meta import (  # noqa: F401  (re-exported: the public names of the 
     read_meta,
     vals_path,
 )
-from .memmaps import (
-    DiskFullError,
-    LockBusy,
-    RowWriter,
-    WriterLock,
-    copy_to_memory,
-    open_rows,
-    write_json_atomic,
-)
-from .shards import ConcatRows
+from fairseq_knnlm.store.shards import ConcatRows
 
 logger = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ from typing import Optional
 
 from fairseq.tasks.language_modeling import LanguageModelingConfig
 
-from .flags import DEFAULT_KEYTYPE
+from fairseq_knnlm.flags import DEFAULT_KEYTYPE
 
 DEFAULT_MIN_POINTERS = 64
 

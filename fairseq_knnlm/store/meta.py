@@ -3,7 +3,7 @@ record, reading it (for one datastore or a sharded one's manifest), and the erro
 
 datastore.py (writer, reader) and shards.py (sharded dumps) both build on this module; it
 imports neither, so there is no import circle. Public names are re-exported by datastore.py
-(``from fairseq_knnlm.datastore import DatastoreError, read_meta, ...`` keeps working).
+(``from fairseq_knnlm.store.datastore import DatastoreError, read_meta, ...`` keeps working).
 
 File names of a datastore at PREFIX:
 
@@ -31,8 +31,8 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .errors import KNNLMError
-from .memmaps import lock_holder, tmp_path
+from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.store.memmaps import lock_holder, tmp_path
 
 logger = logging.getLogger(__name__)
 

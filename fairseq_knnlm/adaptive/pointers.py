@@ -342,9 +342,9 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     ``Clusters`` files at ``prefix`` and returns their meta."""
     import faiss
 
-    from .datastore import check_finite_keys
-    from .errors import FlagError
-    from .memmaps import write_json_atomic
+    from fairseq_knnlm.errors import FlagError
+    from fairseq_knnlm.store.datastore import check_finite_keys
+    from fairseq_knnlm.store.memmaps import write_json_atomic
 
     n, d = ds.size, ds.dim
     if not 1 <= num_clusters <= n:
@@ -397,7 +397,7 @@ def load_clusters(prefix: Any, ds: Any, per_cluster: int = 128, limit: int = 204
     ``flag`` and the file for missing, damaged or foreign files."""
     import json
 
-    from .errors import FlagError
+    from fairseq_knnlm.errors import FlagError
 
     paths = _cluster_paths(prefix)
     missing = [str(p) for p in paths.values() if not p.exists()]

@@ -32,10 +32,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Callable, Optional, Sequence
 
-from . import help_patch
-from .errors import KNNLMError
-from .runtime import BatchObserver, KNNEvalRuntime, wants_runtime
-from .scorer import KNNSequenceScorer
+from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.plugin import help_patch
+from fairseq_knnlm.plugin.runtime import BatchObserver, KNNEvalRuntime, wants_runtime
+from fairseq_knnlm.plugin.scorer import KNNSequenceScorer
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def knnlm_main(cfg: Any, knn_observers: Sequence[BatchObserver] = (), **kwargs: 
 
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
-    assert _fairseq_main is not None, "fairseq_knnlm.eval_lm_patch.install() did not run"
+    assert _fairseq_main is not None, "fairseq_knnlm.plugin.eval_lm_patch.install() did not run"
     if isinstance(cfg, Namespace):
         cfg = convert_namespace_to_omegaconf(cfg)
     if not wants_runtime(cfg.task):

@@ -19,7 +19,7 @@ import logging
 import time
 from typing import Callable, Optional
 
-from .progress import progress_line
+from fairseq_knnlm.progress import progress_line
 
 logger = logging.getLogger(__name__)
 

@@ -20,12 +20,19 @@ from typing import Any, Callable, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .datastore import Datastore, open_datastore
-from .errors import FlagError
-from .flags import check_retrieval_flags
-from .index import _faiss, check_index_matches, load_index, search
-from .knn import KNN_LOGP_FLOOR, knn_log_prob, recompute_distances
-from .pointers import SEARCH, SKIP, SearchPolicy, StreamResults, run_streams, stream_continues
+from fairseq_knnlm.adaptive.pointers import (
+    SEARCH,
+    SKIP,
+    SearchPolicy,
+    StreamResults,
+    run_streams,
+    stream_continues,
+)
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.flags import check_retrieval_flags
+from fairseq_knnlm.index.build import _faiss, check_index_matches, load_index, search
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, knn_log_prob, recompute_distances
+from fairseq_knnlm.store.datastore import Datastore, open_datastore
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +111,7 @@ class KNNRetriever:
         self.record: dict[str, Any] = {}
         self.index: Any
         if torch_exact:
-            from .torch_search import TorchExactIndex
+            from fairseq_knnlm.search.torch_search import TorchExactIndex
 
             if gpu and not torch.cuda.is_available():
                 raise FlagError("--knn-torch-exact --knn-gpu needs a visible CUDA GPU")

@@ -17,7 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from .flags import DEFAULT_KEYTYPE, parse_keytype
+from fairseq_knnlm.flags import DEFAULT_KEYTYPE, parse_keytype
 
 logger = logging.getLogger(__name__)
 

@@ -28,12 +28,9 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from .datastore import dictionary_sha256, sha256_file
-from .errors import FlagError
-from .finite import check_finite, nonfinite_reason
-from .flags import check_flags, check_model_overrides
-from .hooks import KeyCapture, find_decoder
-from .plugin.batch import (
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.flags import check_flags, check_model_overrides
+from fairseq_knnlm.plugin.batch import (
     Batch,
     BatchObserver,
     ScoredBatch,
@@ -43,13 +40,16 @@ from .plugin.batch import (
     take_lm_features,
     write_back,
 )
-from .plugin.cache_scorer import CacheScorer
-from .plugin.dump import DumpWriter
-from .plugin.knn_scorer import KNNScorer
-from .plugin.neighbour_saver import NeighbourSaver
-from .plugin.run import RunInfo
-from .plugin.summary import RunSummary
-from .retriever import Retrieved
+from fairseq_knnlm.plugin.cache_scorer import CacheScorer
+from fairseq_knnlm.plugin.dump import DumpWriter
+from fairseq_knnlm.plugin.hooks import KeyCapture, find_decoder
+from fairseq_knnlm.plugin.knn_scorer import KNNScorer
+from fairseq_knnlm.plugin.neighbour_saver import NeighbourSaver
+from fairseq_knnlm.plugin.run import RunInfo
+from fairseq_knnlm.plugin.summary import RunSummary
+from fairseq_knnlm.scoring.finite import check_finite, nonfinite_reason
+from fairseq_knnlm.search.retriever import Retrieved
+from fairseq_knnlm.store.datastore import dictionary_sha256, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def wants_runtime(task_cfg: Any) -> bool:
 def _versions() -> tuple[str, str]:
     import fairseq
 
-    from . import __version__
+    from fairseq_knnlm import __version__
 
     return getattr(fairseq, "__version__", "unknown"), __version__
 

@@ -18,8 +18,8 @@ from typing import Callable, Optional
 
 import torch
 
-from .errors import KNNLMError
-from .knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 ZERO_LOGP = KNN_LOGP_FLOOR / 2  # at or below: probability 0 in effect
 

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from .knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 
 def next_tokens(src_tokens: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Tensor:

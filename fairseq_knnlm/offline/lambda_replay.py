@@ -21,8 +21,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .errors import FlagError
-from .lambda_model import (
+from fairseq_knnlm.adaptive.lambda_model import (
     AGREEMENT_FEATURES,
     FEATURES,
     KINDS,
@@ -39,8 +38,9 @@ from .lambda_model import (
     knn_features,
     uses_search,
 )
-from .pointers import SKIP, MinPointers, count_modes
-from .sweep import (
+from fairseq_knnlm.adaptive.pointers import SKIP, MinPointers, count_modes
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.offline.sweep import (
     DISTS,
     LM_FEATURE_ARRAYS,
     LM_NBR_ARRAYS,
@@ -219,7 +219,7 @@ def open_pass_datastore(nb: Neighbors, dstore: Optional[str] = None,
                         load_keys: bool = False) -> Any:
     """The datastore the pass searched (``dstore`` or the one its meta names), checked
     against the pass's fingerprint; with its keys for a pointer replay."""
-    from .datastore import DatastoreError, open_datastore
+    from fairseq_knnlm.store.datastore import DatastoreError, open_datastore
 
     prefix = dstore or nb.meta.get("dstore")
     if not prefix:

@@ -18,9 +18,9 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
-from .errors import FlagError
-from .lambda_model import lm_argmax, lm_features
-from .runtime import active_runtime
+from fairseq_knnlm.adaptive.lambda_model import lm_argmax, lm_features
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.plugin.runtime import active_runtime
 
 DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
 

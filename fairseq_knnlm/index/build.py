@@ -47,10 +47,15 @@ from typing import Any, Optional, Union
 
 import numpy as np
 
-from .datastore import Datastore, DatastoreError, check_finite_keys, open_datastore
-from .errors import FlagError, KNNLMError
-from .memmaps import release_pages, write_json_atomic
-from .progress import Progress
+from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.progress import Progress
+from fairseq_knnlm.store.datastore import (
+    Datastore,
+    DatastoreError,
+    check_finite_keys,
+    open_datastore,
+)
+from fairseq_knnlm.store.memmaps import release_pages, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -610,7 +615,7 @@ def build_index_ondisk(
         results = (_add_range_worker(*a) for a in args)
         pool = None
     else:
-        from . import NO_FAIRSEQ_ENV
+        from fairseq_knnlm import NO_FAIRSEQ_ENV
 
         pool = cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"),
                                       initializer=_worker_init, initargs=(os.getpid(),))

@@ -22,9 +22,9 @@ from fairseq.data import FairseqDataset, LMContextWindowDataset
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 from fairseq.tasks.language_modeling import LanguageModelingTask
 
-from .config import KNNLanguageModelingConfig
-from .runtime import active_runtime
-from .shards import contiguous_range, left_context
+from fairseq_knnlm.plugin.config import KNNLanguageModelingConfig
+from fairseq_knnlm.plugin.runtime import active_runtime
+from fairseq_knnlm.store.shards import contiguous_range, left_context
 
 logger = logging.getLogger(__name__)
 

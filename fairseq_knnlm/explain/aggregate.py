@@ -13,7 +13,7 @@ from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 
-from .explain import TokenTable, perplexity, words
+from fairseq_knnlm.explain.document import TokenTable, perplexity, words
 
 FREQ_EDGES = (1, 10, 100, 1_000, 10_000)  # train-count buckets: 0, 1-9, ..., >= 10K
 

@@ -11,8 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .explain import settings_text
-from .knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.explain.document import settings_text
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 _CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;margin:0;

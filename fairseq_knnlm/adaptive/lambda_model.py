@@ -57,7 +57,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import FlagError
+from fairseq_knnlm.errors import FlagError
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]

@@ -16,7 +16,7 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
-from .shards import ConcatRows
+from fairseq_knnlm.store.shards import ConcatRows
 
 # log p_kNN where no neighbour carries the target (the authors' code masked with the same
 # -10000 "for stability"). Finite on purpose: eval-lm drops tokens scored -inf from its loss

@@ -51,10 +51,7 @@ from typing import Any, Iterator, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .errors import FlagError, KNNLMError
-from .knn import KNN_LOGP_FLOOR, recompute_distances
-from .memmaps import RowWriter, open_rows, write_json_atomic
-from .pointers import (
+from fairseq_knnlm.adaptive.pointers import (
     SEARCH,
     MinPointers,
     StreamResults,
@@ -63,7 +60,10 @@ from .pointers import (
     run_streams,
     stream_continues,
 )
-from .shards import ConcatRows, shard_prefix
+from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, recompute_distances
+from fairseq_knnlm.store.memmaps import RowWriter, open_rows, write_json_atomic
+from fairseq_knnlm.store.shards import ConcatRows, shard_prefix
 
 logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]

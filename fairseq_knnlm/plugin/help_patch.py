@@ -28,7 +28,7 @@ from fairseq import options
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 
-from .config import KNNLMOptions
+from fairseq_knnlm.plugin.config import KNNLMOptions
 
 HELP_FLAGS = ("-h", "--help")
 KNN_GROUP = "kNN-LM"
