@@ -175,6 +175,17 @@ def check_flags(t: Any) -> None:
         require_positive_int(t.cache_length, "--cache-length")
 
 
+def check_subset_not_empty(data: str, subset: str) -> None:
+    """--gen-subset must hold tokens: a binarized split of 0 tokens (DATA/SUBSET.bin of 0
+    bytes) would die in fairseq's reader ('cannot mmap an empty file')."""
+    from pathlib import Path
+
+    first = str(data).split(":")[0]
+    path = Path(first) / f"{subset}.bin"
+    _require(not (path.exists() and path.stat().st_size == 0),
+             f"--gen-subset {subset}: {path} is empty (0 tokens): nothing to score")
+
+
 def check_dstore_size(dstore_size: Optional[int], actual: int, prefix: Any) -> None:
     """--dstore-size (the authors' flag) must agree with the datastore's meta file, if given."""
     _require(dstore_size is None or dstore_size == actual,

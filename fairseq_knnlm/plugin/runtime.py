@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.flags import check_flags, check_model_overrides
+from fairseq_knnlm.flags import check_flags, check_model_overrides, check_subset_not_empty
 from fairseq_knnlm.plugin.batch import (
     Batch,
     BatchObserver,
@@ -79,6 +79,7 @@ class KNNEvalRuntime:
         t = cfg.task
         check_flags(t)  # every flag, before anything is opened or loaded
         check_model_overrides(cfg.common_eval.model_overrides, t.knn_keytype)
+        check_subset_not_empty(t.data, cfg.dataset.gen_subset)
         self.cfg, self.task_cfg = cfg, t
         self.run = RunInfo.from_cfg(cfg)
         self.knn = KNNScorer(t) if t.knnlm else None
