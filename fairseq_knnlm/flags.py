@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import ast
 import math
-from typing import Any, Optional
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 from fairseq_knnlm.errors import FlagError
 
@@ -87,6 +88,12 @@ def require_positive_int(value: int, flag: str, what: str = "") -> None:
 def require_temperature(value: float, flag: str) -> None:
     """A kNN temperature: finite and > 0."""
     _require(math.isfinite(value) and value > 0, f"{flag} must be > 0, got {value}")
+
+
+def require_temperatures(values: Sequence[float], flag: str) -> None:
+    """A list of kNN temperatures: at least one, each finite and > 0."""
+    _require(bool(values) and all(math.isfinite(t) and t > 0 for t in values),
+             f"{flag} must be finite and > 0, got {list(values)}")
 
 
 def require_lambda(value: float, flag: str) -> None:
@@ -178,8 +185,6 @@ def check_flags(t: Any) -> None:
 def check_subset_not_empty(data: str, subset: str) -> None:
     """--gen-subset must hold tokens: a binarized split of 0 tokens (DATA/SUBSET.bin of 0
     bytes) would die in fairseq's reader ('cannot mmap an empty file')."""
-    from pathlib import Path
-
     first = str(data).split(":")[0]
     path = Path(first) / f"{subset}.bin"
     _require(not (path.exists() and path.stat().st_size == 0),

@@ -343,6 +343,7 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     import faiss
 
     from fairseq_knnlm.errors import FlagError
+    from fairseq_knnlm.flags import require_positive_int
     from fairseq_knnlm.store.datastore import check_finite_keys
     from fairseq_knnlm.store.memmaps import write_json_atomic
 
@@ -350,8 +351,7 @@ def build_clusters(ds: Any, prefix: Any, num_clusters: int, niter: int = 20, see
     if not 1 <= num_clusters <= n:
         raise FlagError(f"--num-clusters must be in 1..{n} (the datastore's rows), "
                         f"got {num_clusters}")
-    if niter < 1:
-        raise FlagError(f"--niter must be >= 1, got {niter}")
+    require_positive_int(niter, "--niter")
     if seed < 0:
         raise FlagError(f"--seed must be >= 0, got {seed}")
     rng = np.random.default_rng(seed)

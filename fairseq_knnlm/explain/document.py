@@ -132,7 +132,7 @@ class Collector:
         self._parts: list[dict[str, Any]] = []
         self.seen = 0  # tokens scored by the pass, kept or not
 
-    def __call__(self, batch: Any) -> None:  # runtime.ScoredBatch
+    def __call__(self, batch: Any) -> None:  # plugin.batch.ScoredBatch
         pos = np.asarray(batch.positions, dtype=np.int64)
         self.seen += len(pos)
         if (pos < 0).any():

@@ -40,6 +40,7 @@ from fairseq_knnlm.adaptive.lambda_model import (
 )
 from fairseq_knnlm.adaptive.pointers import SKIP, MinPointers, count_modes
 from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.flags import require_temperature
 from fairseq_knnlm.offline.sweep import (
     DISTS,
     LM_FEATURE_ARRAYS,
@@ -97,8 +98,7 @@ def check_inputs(nb: Neighbors, k: int, temperature: float, dist: str) -> None:
     if unsearched_tokens(nb):
         raise FlagError("lambda models are fitted on a pass that searched every token (saved "
                         "without --knn-pointers, or with --knn-min-pointers above --k)")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise FlagError(f"--temp must be > 0, got {temperature}")
+    require_temperature(temperature, "--temp")
 
 
 def _pre_x(nb: Neighbors, freq: np.ndarray, with_agreement: bool) -> dict[str, np.ndarray]:

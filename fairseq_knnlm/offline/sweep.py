@@ -61,6 +61,7 @@ from fairseq_knnlm.adaptive.pointers import (
     stream_continues,
 )
 from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.flags import require_temperatures
 from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, recompute_distances
 from fairseq_knnlm.store.memmaps import RowWriter, open_rows, write_json_atomic
 from fairseq_knnlm.store.shards import ConcatRows, shard_prefix
@@ -432,8 +433,7 @@ def check_sweep(nb: Neighbors, ks: Sequence[int], dists: Sequence[str] = ("l2",)
         raise FlagError("--lambdas and --cache-lambdas must lie in [0, 1]")
     if not lambdas or not cache_lambdas:
         raise FlagError("--lambdas and --cache-lambdas need at least one value")
-    if not temperatures or any(not (math.isfinite(t) and t > 0) for t in temperatures):
-        raise FlagError(f"--temps must be finite and > 0, got {list(temperatures)}")
+    require_temperatures(temperatures, "--temps")
     if any(c > 0 for c in cache_lambdas) and "cache_logp" not in nb.arrays:
         raise FlagError("--cache-lambdas given but the pass was run without --knn-cache")
 
@@ -520,8 +520,7 @@ def check_replay(nb: Neighbors, thresholds: Sequence[int], lambdas: Sequence[flo
         raise FlagError(f"--pointer-thresholds must be integers >= 0, got {list(thresholds)}")
     if any(not 0.0 <= x <= 1.0 for x in lambdas) or not lambdas:
         raise FlagError("--lambdas must lie in [0, 1]")
-    if not temperatures or any(not (math.isfinite(t) and t > 0) for t in temperatures):
-        raise FlagError(f"--temps must be finite and > 0, got {list(temperatures)}")
+    require_temperatures(temperatures, "--temps")
 
 
 def replay_pieces(fresh: np.ndarray, budget: int

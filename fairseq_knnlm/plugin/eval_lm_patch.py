@@ -49,10 +49,10 @@ _fairseq_main: Optional[Callable[..., Any]] = None
 def knnlm_main(cfg: Any, knn_observers: Sequence[BatchObserver] = (), **kwargs: Any) -> Any:
     """fairseq-eval-lm's ``main`` with the kNN-LM run around it when a kNN-LM option is on.
 
-    ``knn_observers``: callables that receive every scored batch's numbers (runtime.ScoredBatch:
-    the scorer's own log-probs, not a recomputation), for tools built on the scorer such as
-    knnlm-explain; pass them through ``distributed_utils.call_main(cfg, knnlm_main,
-    knn_observers=[...])``."""
+    ``knn_observers``: callables that receive every scored batch's numbers
+    (plugin.batch.ScoredBatch: the scorer's own log-probs, not a recomputation), for tools
+    built on the scorer such as knnlm-explain; pass them through
+    ``distributed_utils.call_main(cfg, knnlm_main, knn_observers=[...])``."""
     from argparse import Namespace
 
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf

@@ -230,8 +230,7 @@ class KNNEvalRuntime:
                                        dict_sha256=self.dict_sha,
                                        fairseq_version=fairseq_version,
                                        plugin_version=plugin_version)
-        modes = self.knn.mode_counts if self.knn is not None else {
-            "search": 0, "pointers": 0, "skip": 0}
+        modes = self.knn.mode_counts if self.knn is not None else {}
         if self.saver is not None:
             self.saver.finish(modes)
         totals, dist = self.summary.totals(entries, modes)
