@@ -16,7 +16,7 @@ import time
 import numpy as np
 import torch
 
-from fairseq_knnlm.offline.sweep import load_neighbors
+from fairseq_knnlm.offline.neighbours import load_neighbors
 from fairseq_knnlm.scoring.knn import recompute_distances
 from fairseq_knnlm.store.datastore import open_datastore
 

@@ -18,7 +18,8 @@ import time
 import faiss
 import numpy as np
 
-from fairseq_knnlm.index.build import load_index, sample_train_ids
+from fairseq_knnlm.index.build import sample_train_ids
+from fairseq_knnlm.index.load import load_index
 from fairseq_knnlm.store.datastore import open_datastore
 
 

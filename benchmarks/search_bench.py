@@ -18,7 +18,7 @@ import time
 import faiss
 import numpy as np
 
-from fairseq_knnlm.index.build import load_index
+from fairseq_knnlm.index.load import load_index
 from fairseq_knnlm.store.datastore import open_datastore
 
 

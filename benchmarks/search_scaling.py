@@ -90,7 +90,7 @@ def main() -> None:
     d = base.shape[1]
     rng = np.random.default_rng(1)
     if a.queries:
-        from fairseq_knnlm.offline.sweep import load_neighbors
+        from fairseq_knnlm.offline.neighbours import load_neighbors
 
         qa = load_neighbors(a.queries).arrays["queries"]
         rows = np.sort(rng.choice(len(qa), min(a.n_queries, len(qa)), replace=False))

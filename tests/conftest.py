@@ -109,7 +109,8 @@ def eval_lm_inprocess(args: list[str]) -> dict:
 @pytest.fixture(scope="session")
 def dstore(tiny: dict) -> Path:
     """A float32 train datastore of the tiny LM, with a flat index next to it."""
-    from fairseq_knnlm.index.build import IndexSettings, build_index
+    from fairseq_knnlm.index.build import build_index
+    from fairseq_knnlm.index.kinds import IndexSettings
 
     prefix = tiny["dir"] / "dstore" / "train"
     eval_lm_inprocess(eval_args(tiny, "train", "--save-knnlm-dstore", "--dstore-mmap",

@@ -36,7 +36,8 @@ def _final_ppl(log: str) -> float:
 @pytest.fixture(scope="module")
 def authors_dstore(tiny, dstore):
     """The authors' dump command (console script), and an IVFPQ index over its datastore."""
-    from fairseq_knnlm.index.build import IndexSettings, build_index
+    from fairseq_knnlm.index.build import build_index
+    from fairseq_knnlm.index.kinds import IndexSettings
 
     size = open_datastore(dstore).size
     prefix = tiny["dir"] / "checkpoints" / "dstore"

@@ -83,3 +83,81 @@ def test_stages_import_without_fairseq():
             "print('ok', len(" + repr(mods) + "))\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 0 and "ok" in p.stdout, p.stderr[-3000:]
+
+
+def test_tests_mirror_the_package():
+    """Each test folder names a subpackage (tests/store/ tests fairseq_knnlm/store/, ...)."""
+    dirs = {p.name for p in (ROOT / "tests").iterdir()
+            if p.is_dir() and p.name not in ("golden", "__pycache__")}
+    pkgs = {p.name for p in PKG.iterdir() if (p / "__init__.py").exists()}
+    assert dirs and dirs <= pkgs, f"test folders without a subpackage: {sorted(dirs - pkgs)}"
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PKG).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _module_imports(path: Path, names: set[str]) -> set[str]:
+    """The package modules (dotted, under fairseq_knnlm) a module imports at its top level
+    or inside functions; a `from pkg import name` counts pkg.name when that is a module."""
+    tree = ast.parse(path.read_text())
+    here = _module_name(path).split(".")
+    pkg = here if path.name == "__init__.py" else here[:-1]
+    out = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = pkg[:len(pkg) - (node.level - 1)] if node.level > 1 else pkg
+                mod = [*base, *(node.module.split(".") if node.module else [])]
+            elif node.module and node.module.startswith("fairseq_knnlm"):
+                mod = node.module.split(".")[1:]
+            else:
+                continue
+            dotted = ".".join(mod)
+            for a in node.names:
+                sub = f"{dotted}.{a.name}" if dotted else a.name
+                out.add(sub if sub in names else dotted)
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith("fairseq_knnlm."):
+                    out.add(".".join(a.name.split(".")[1:]))
+    return {m for m in out if m in names and m != _module_name(path)}
+
+
+def test_no_import_cycles():
+    """No two modules import each other, directly or through others (package __init__s
+    that re-export their own modules aside)."""
+    paths = {_module_name(p): p for p in _modules()}
+    names = set(paths)
+    graph = {m: {d for d in _module_imports(p, names)
+                 if not (p.name == "__init__.py" and d.startswith(m + "."))}
+             for m, p in paths.items()}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(m: str, stack: list[str]) -> bool:
+        state[m] = 1
+        for d in sorted(graph[m]):
+            if state.get(d) == 1:
+                cycle.extend(stack[stack.index(d):] + [m, d] if d in stack else [m, d])
+                return True
+            if d not in state and visit(d, stack + [m]):
+                return True
+        state[m] = 2
+        return False
+
+    for m in sorted(graph):
+        if m not in state and visit(m, []):
+            break
+    assert not cycle, " -> ".join(cycle)
+
+
+def test_ruff_clean():
+    """The code passes the ruff config in pyproject.toml (ruff is in the dev extra)."""
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.skip("ruff not installed (pip install -e .[dev])")
+    p = subprocess.run([str(ruff), "check", "fairseq_knnlm", "tests", "examples", "benchmarks"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-3000:]

@@ -19,7 +19,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from fairseq_knnlm.offline.sweep import best, load_neighbors, sweep  # noqa: E402
+from fairseq_knnlm.offline.neighbours import load_neighbors  # noqa: E402
+from fairseq_knnlm.offline.sweep import best, sweep  # noqa: E402
 
 LAMBDAS = [0.0, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, 0.6, 0.7, 0.8]
 TEMPS = [1.0, 2.0, 5.0, 10.0, 20.0, 50.0]

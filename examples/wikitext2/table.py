@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from fairseq_knnlm.offline.sweep import best, load_neighbors, sweep
+from fairseq_knnlm.offline.neighbours import load_neighbors
+from fairseq_knnlm.offline.sweep import best, sweep
 
 
 def format_row(name: str, s: dict, ppl: dict, base_test: float | None) -> str:

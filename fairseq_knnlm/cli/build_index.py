@@ -32,16 +32,16 @@ import sys
 from typing import Optional
 
 from fairseq_knnlm.errors import KNNLMError
-from fairseq_knnlm.index.build import (
+from fairseq_knnlm.index.build import build_index
+from fairseq_knnlm.index.kinds import (
     INDEX_TYPES,
     IndexBuildError,
     IndexFlagError,
     IndexSettings,
-    build_index,
-    build_index_ondisk,
     validate_build_args,
     validate_settings,
 )
+from fairseq_knnlm.index.ondisk import build_index_ondisk
 from fairseq_knnlm.store.datastore import DatastoreMeta, read_meta
 
 logger = logging.getLogger("fairseq_knnlm.cli.build_index")

@@ -37,13 +37,9 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from fairseq_knnlm.adaptive.lambda_model import (
-    FEATURES,
-    KINDS,
-    POST_FEATURES,
-    freq_table,
-    save_model,
-)
+from fairseq_knnlm.adaptive.lambda_features import FEATURES, POST_FEATURES, freq_table
+from fairseq_knnlm.adaptive.lambda_file import save_model
+from fairseq_knnlm.adaptive.lambda_model import KINDS
 from fairseq_knnlm.adaptive.pointers import load_clusters
 from fairseq_knnlm.cli.sweep import floats
 from fairseq_knnlm.errors import FlagError, KNNLMError
@@ -54,7 +50,7 @@ from fairseq_knnlm.offline.lambda_replay import (
     pointer_token_inputs,
     token_inputs,
 )
-from fairseq_knnlm.offline.sweep import load_neighbors
+from fairseq_knnlm.offline.neighbours import load_neighbors
 
 logger = logging.getLogger(__name__)
 

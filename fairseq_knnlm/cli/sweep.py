@@ -46,13 +46,13 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.offline.neighbours import load_neighbors
 from fairseq_knnlm.offline.sweep import (
     DISTS,
     K_SELECTS,
     best,
     check_replay,
     check_sweep,
-    load_neighbors,
     replay_pointers,
     sweep,
     unsearched_tokens,
@@ -285,7 +285,7 @@ def replay_main(args: argparse.Namespace) -> int:
 def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
     """Rows of --lambda-model replayed at each --skip-below, and the best fixed lambda of
     --lambdas at the model's k, temperature and distance on the same tokens."""
-    from fairseq_knnlm.adaptive.lambda_model import load_model
+    from fairseq_knnlm.adaptive.lambda_file import load_model
     from fairseq_knnlm.offline.lambda_replay import (
         open_pass_datastore,
         replay,

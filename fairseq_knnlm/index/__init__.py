@@ -1,3 +1,4 @@
-"""index: the FAISS index of a datastore: settings and kinds (IVFPQ, fast-scan, flat, ...),
-training sample, in-RAM and on-disk builds with resume, loading (nprobe, mmap, GPU) and
-search (build). Imports store; no fairseq."""
+"""index: the FAISS index of a datastore: settings and kinds (IVFPQ, fast-scan, flat, ...;
+kinds), training sample and in-RAM build with resume (build), the on-disk build over worker
+processes (ondisk), loading (nprobe, mmap, GPU) and search (load). Imports store; no
+fairseq."""

@@ -21,31 +21,29 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from fairseq_knnlm.adaptive.lambda_model import (
+from fairseq_knnlm.adaptive.lambda_features import (
     AGREEMENT_FEATURES,
     FEATURES,
-    KINDS,
     POINTER_FEATURES,
     POST_FEATURES,
     PRE_FEATURES,
+    knn_features,
+)
+from fairseq_knnlm.adaptive.lambda_fit import best_constant, fit_buckets, fit_mlp
+from fairseq_knnlm.adaptive.lambda_model import (
+    KINDS,
     ConstantHead,
     Head,
     LambdaModel,
     MixHead,
-    best_constant,
-    fit_buckets,
-    fit_mlp,
-    knn_features,
     uses_search,
 )
 from fairseq_knnlm.adaptive.pointers import SKIP, MinPointers, count_modes
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.flags import require_temperature
+from fairseq_knnlm.offline.neighbours import LM_FEATURE_ARRAYS, LM_NBR_ARRAYS, Neighbors
 from fairseq_knnlm.offline.sweep import (
     DISTS,
-    LM_FEATURE_ARRAYS,
-    LM_NBR_ARRAYS,
-    Neighbors,
     check_replay,
     knn_logp_for_ks,
     missing_last,

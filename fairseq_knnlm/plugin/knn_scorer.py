@@ -10,13 +10,9 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from fairseq_knnlm.adaptive.lambda_model import (
-    LambdaModel,
-    check_model_flags,
-    knn_features,
-    load_model,
-    pre_features,
-)
+from fairseq_knnlm.adaptive.lambda_features import knn_features, pre_features
+from fairseq_knnlm.adaptive.lambda_file import check_model_flags, load_model
+from fairseq_knnlm.adaptive.lambda_model import LambdaModel
 from fairseq_knnlm.adaptive.pointers import (
     SKIP,
     CarriedPointers,

@@ -9,9 +9,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from fairseq_knnlm.offline.sweep import NeighborWriter, write_neighbors_manifest
-from fairseq_knnlm.offline.sweep import manifest_path as neighbors_manifest_path
-from fairseq_knnlm.offline.sweep import meta_path as neighbors_meta_path
+from fairseq_knnlm.offline.neighbours import NeighborWriter, write_neighbors_manifest
+from fairseq_knnlm.offline.neighbours import manifest_path as neighbors_manifest_path
+from fairseq_knnlm.offline.neighbours import meta_path as neighbors_meta_path
 from fairseq_knnlm.plugin.batch import Batch
 from fairseq_knnlm.plugin.run import RunInfo
 from fairseq_knnlm.scoring.knn import recompute_distances

@@ -18,7 +18,7 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
-from fairseq_knnlm.adaptive.lambda_model import lm_argmax, lm_features
+from fairseq_knnlm.adaptive.lambda_features import lm_argmax, lm_features
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.plugin.runtime import active_runtime
 

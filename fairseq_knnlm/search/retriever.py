@@ -30,7 +30,8 @@ from fairseq_knnlm.adaptive.pointers import (
 )
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.flags import check_retrieval_flags
-from fairseq_knnlm.index.build import _faiss, check_index_matches, load_index, search
+from fairseq_knnlm.index.kinds import _faiss
+from fairseq_knnlm.index.load import check_index_matches, load_index, search
 from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, knn_log_prob, recompute_distances
 from fairseq_knnlm.store.datastore import Datastore, open_datastore
 

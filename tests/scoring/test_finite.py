@@ -2,7 +2,7 @@
 reason line of a non-finite token, and eval-lm runs on crafted settings and a crafted
 datastore that stop with one line naming the token and why.
 
-Run: python -m pytest -q tests/test_finite.py
+Run: python -m pytest -q tests/scoring/test_finite.py
 """
 
 from __future__ import annotations

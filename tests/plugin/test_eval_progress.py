@@ -1,7 +1,7 @@
 """Progress lines of eval-lm passes (eval_progress.py): throttling, rate, ETA and counters,
 with a fake clock (no fairseq, no waiting).
 
-Run: python -m pytest -q tests/test_eval_progress.py
+Run: python -m pytest -q tests/plugin/test_eval_progress.py
 """
 
 from __future__ import annotations

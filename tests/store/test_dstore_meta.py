@@ -35,7 +35,7 @@ def test_layering_has_no_import_circle():
 
 
 def test_errors_are_user_errors():
-    from fairseq_knnlm.index.build import IndexBuildError, IndexFlagError
+    from fairseq_knnlm.index.kinds import IndexBuildError, IndexFlagError
 
     assert issubclass(DatastoreError, KNNLMError) and issubclass(IndexBuildError, KNNLMError)
     assert issubclass(IndexFlagError, ValueError)

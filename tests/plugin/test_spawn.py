@@ -8,7 +8,7 @@ machine it would start none. The driver below is the console script (``cli_main`
 ``torch.cuda.device_count`` reporting 2 in the parent only: ``call_main`` then spawns 2 CPU
 ranks joined by gloo, unpickling ``main`` in each rank, which is what the test is about.
 
-Run: python -m pytest -q tests/test_spawn.py
+Run: python -m pytest -q tests/plugin/test_spawn.py
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 from conftest import eval_args, eval_lm_inprocess
 
-from fairseq_knnlm.offline.sweep import load_neighbors
+from fairseq_knnlm.offline.neighbours import load_neighbors
 from fairseq_knnlm.store.datastore import open_datastore
 from fairseq_knnlm.store.shards import manifest_path
 

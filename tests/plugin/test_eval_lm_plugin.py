@@ -166,7 +166,8 @@ def test_mismatched_datastore_is_refused(tiny, dstore):
     other = tiny["dir"] / "dstore_kt" / "other"
     eval_lm_inprocess(eval_args(tiny, "train", "--save-knnlm-dstore", "--dstore-mmap",
                                 str(other), "--knn-keytype", "ffn_output"))
-    from fairseq_knnlm.index.build import IndexSettings, build_index
+    from fairseq_knnlm.index.build import build_index
+    from fairseq_knnlm.index.kinds import IndexSettings
 
     build_index(other, f"{other}.flat", IndexSettings(index_type="flat"), progress=False)
     with pytest.raises(DatastoreError, match="key type: datastore 'ffn_output'"):
@@ -226,7 +227,8 @@ def test_cache_alone_and_with_knn(tiny, dstore):
 
 
 def test_saved_neighbors_reproduce_online_scores(tiny, dstore):
-    from fairseq_knnlm.offline.sweep import load_neighbors, sweep
+    from fairseq_knnlm.offline.neighbours import load_neighbors
+    from fairseq_knnlm.offline.sweep import sweep
 
     out = tiny["dir"] / "nbrs" / "test"
     res = eval_lm_inprocess(eval_args(tiny, "test", *_knn_args(

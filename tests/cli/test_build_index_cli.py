@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from fairseq_knnlm.cli.build_index import cli_main
-from fairseq_knnlm.index.build import meta_path
+from fairseq_knnlm.index.kinds import meta_path
 from fairseq_knnlm.store.datastore import DatastoreWriter
 
 N, DIM = 2000, 16

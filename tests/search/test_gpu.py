@@ -74,7 +74,8 @@ def test_faiss_gpu_index_and_shards():
     faiss = pytest.importorskip("faiss")
     if not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0:
         pytest.skip("FAISS has no GPU support here (faiss-cpu build)")
-    from fairseq_knnlm.index.build import _to_gpu, set_probe
+    from fairseq_knnlm.index.kinds import _to_gpu
+    from fairseq_knnlm.index.load import set_probe
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20000, 64)).astype(np.float32)

@@ -13,33 +13,39 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.adaptive.lambda_model import (
+from fairseq_knnlm.adaptive.lambda_features import (
     AGREEMENT_FEATURES,
     FEATURES,
-    FORMAT,
     POST_FEATURES,
     PRE_FEATURES,
+    freq_table,
+    knn_features,
+    lm_features,
+    pre_features,
+    top_value,
+    top_value_mass,
+)
+from fairseq_knnlm.adaptive.lambda_file import (
+    FORMAT,
     VERSION,
+    check_model_flags,
+    load_model,
+    save_model,
+)
+from fairseq_knnlm.adaptive.lambda_fit import (
+    best_constant,
+    fit_buckets,
+    fit_mlp,
+    head_nll,
+    mixture_nll,
+)
+from fairseq_knnlm.adaptive.lambda_model import (
     BucketHead,
     ConstantHead,
     LambdaModel,
     MixHead,
     MLPHead,
-    best_constant,
-    check_model_flags,
-    fit_buckets,
-    fit_mlp,
-    freq_table,
-    head_nll,
     interpolate_per_token,
-    knn_features,
-    lm_features,
-    load_model,
-    mixture_nll,
-    pre_features,
-    save_model,
-    top_value,
-    top_value_mass,
     uses_search,
 )
 from fairseq_knnlm.errors import FlagError

@@ -12,16 +12,13 @@ import pytest
 import torch
 
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.offline.sweep import (
+from fairseq_knnlm.offline.neighbours import (
     NeighborsError,
     NeighborWriter,
-    knn_logp_for_ks,
     load_neighbors,
-    ppl_from_nll,
-    selection_order,
-    sweep,
     write_neighbors_manifest,
 )
+from fairseq_knnlm.offline.sweep import knn_logp_for_ks, ppl_from_nll, selection_order, sweep
 from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, interpolate, knn_log_prob, recompute_distances
 
 K = 32
@@ -363,7 +360,8 @@ def test_eval_lm_runs_match_the_sweep_on_ivfpq(tiny, dstore):
     those k (default selection); at --lmbda 1 the sweep row is inf and eval-lm stops."""
     from conftest import eval_args, eval_lm_inprocess
 
-    from fairseq_knnlm.index.build import IndexSettings, build_index
+    from fairseq_knnlm.index.build import build_index
+    from fairseq_knnlm.index.kinds import IndexSettings
 
     index = f"{dstore}.ivfpq_sweep"
     build_index(dstore, index, IndexSettings(index_type="ivfpq", ncentroids=16, code_size=8),

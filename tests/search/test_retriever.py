@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.index.build import IndexSettings, build_index
+from fairseq_knnlm.index.build import build_index
+from fairseq_knnlm.index.kinds import IndexSettings
 from fairseq_knnlm.search.retriever import KNNRetriever
 from fairseq_knnlm.store.datastore import DatastoreWriter
 

@@ -4,7 +4,7 @@ map, --start/--length scoring only the blocks needed, --text binarized like
 fairseq-preprocess, the aggregate view, the terminal table and the web page (in headless
 Chromium when it is installed).
 
-Run: python -m pytest -q tests/test_explain.py
+Run: python -m pytest -q tests/explain/test_explain.py
 """
 
 from __future__ import annotations

@@ -9,15 +9,9 @@ import os
 import numpy as np
 import pytest
 
-from fairseq_knnlm.index.build import (
-    IndexBuildError,
-    IndexSettings,
-    build_index,
-    check_settings,
-    load_index,
-    meta_path,
-    search,
-)
+from fairseq_knnlm.index.build import build_index
+from fairseq_knnlm.index.kinds import IndexBuildError, IndexSettings, check_settings, meta_path
+from fairseq_knnlm.index.load import load_index, search
 from fairseq_knnlm.store.datastore import DatastoreError, DatastoreWriter
 
 
@@ -119,7 +113,7 @@ def test_ondisk_sharded_build_equals_one_piece(synth, tmp_path):
     the on-disk index still loads after the pair is moved (INDEX.ivfdata found next to it)."""
     import shutil
 
-    from fairseq_knnlm.index.build import build_index_ondisk, ivfdata_path, parts_dir
+    from fairseq_knnlm.index.ondisk import build_index_ondisk, ivfdata_path, parts_dir
 
     d, keys, q = synth
     s = IndexSettings(index_type="ivfpq", ncentroids=64, code_size=8, train_size=20000)
@@ -143,7 +137,7 @@ def test_ondisk_sharded_build_equals_one_piece(synth, tmp_path):
 
 
 def test_ondisk_build_resumes_after_a_crash(synth, tmp_path):
-    from fairseq_knnlm.index.build import build_index_ondisk, parts_dir
+    from fairseq_knnlm.index.ondisk import build_index_ondisk, parts_dir
 
     d, _, q = synth
     s = IndexSettings(index_type="ivfpq", ncentroids=64, code_size=8, train_size=20000)
@@ -163,7 +157,7 @@ def test_ondisk_build_resumes_after_a_crash(synth, tmp_path):
 def test_fastscan_recall_and_its_limits(synth, tmp_path):
     """ivfpq-fastscan: same bytes per vector as ivfpq, 4-bit SIMD-scanned codes; usable
     recall on clustered keys, and clear errors where FAISS cannot follow (GPU, on-disk)."""
-    from fairseq_knnlm.index.build import build_index_ondisk
+    from fairseq_knnlm.index.ondisk import build_index_ondisk
 
     d, keys, q = synth
     s = IndexSettings(index_type="ivfpq-fastscan", ncentroids=64, code_size=8,
@@ -199,7 +193,7 @@ SMALL = IndexSettings(index_type="ivfpq", ncentroids=16, code_size=8, train_size
 
 
 def test_index_of_an_earlier_dump_is_refused(tmp_path):
-    from fairseq_knnlm.index.build import check_index_matches
+    from fairseq_knnlm.index.load import check_index_matches
     from fairseq_knnlm.store.datastore import open_datastore
 
     _dump(tmp_path / "ds", seed=0, context_window=0)
@@ -216,7 +210,7 @@ def test_index_of_an_earlier_dump_is_refused(tmp_path):
 
 
 def test_index_recorded_before_dump_ids_still_matches_an_old_datastore(tmp_path):
-    from fairseq_knnlm.index.build import check_index_matches
+    from fairseq_knnlm.index.load import check_index_matches
     from fairseq_knnlm.store.datastore import meta_path as ds_meta_path
     from fairseq_knnlm.store.datastore import open_datastore
 
@@ -266,7 +260,7 @@ def test_resumed_build_after_a_redump_starts_again(tmp_path, caplog):
 
 
 def test_ondisk_parts_of_an_earlier_dump_are_not_merged(tmp_path, caplog):
-    from fairseq_knnlm.index.build import build_index_ondisk, parts_dir
+    from fairseq_knnlm.index.ondisk import build_index_ondisk, parts_dir
 
     q = _clustered(100, 16, seed=9)
     _dump(tmp_path / "ds", seed=0, context_window=0)
@@ -288,7 +282,7 @@ def test_ondisk_parts_of_an_earlier_dump_are_not_merged(tmp_path, caplog):
 def test_ondisk_parts_of_another_trained_index_are_not_merged(tmp_path, caplog):
     """Parts are built from INDEX.trained: if it is trained again (deleted, say), the parts
     made from the old one are rebuilt too."""
-    from fairseq_knnlm.index.build import build_index_ondisk
+    from fairseq_knnlm.index.ondisk import build_index_ondisk
 
     _dump(tmp_path / "ds", seed=0, context_window=0)
     with pytest.raises(KeyboardInterrupt):
@@ -331,7 +325,7 @@ def test_bad_build_args_are_refused_before_any_work(tmp_path, kwargs, flag):
     ({"workers": 0}, "--workers"), ({"shard_size": -1}, "--add-shard-size"),
     ({"shard_size": 0}, "--add-shard-size"), ({"add_chunk": 0}, "--num-keys-to-add-at-a-time")])
 def test_bad_ondisk_args_are_refused_before_any_work(tmp_path, kwargs, flag):
-    from fairseq_knnlm.index.build import build_index_ondisk
+    from fairseq_knnlm.index.ondisk import build_index_ondisk
 
     with pytest.raises(IndexBuildError, match=f"^{flag} must"):
         build_index_ondisk(tmp_path / "missing", tmp_path / "x.index", progress=False, **kwargs)
@@ -386,7 +380,7 @@ def test_ondisk_workers_exit_when_the_build_is_killed(tmp_path):
     import sys
     import time
 
-    from fairseq_knnlm.index.build import WORKER_DELAY_ENV
+    from fairseq_knnlm.index.ondisk import WORKER_DELAY_ENV
 
     _dump(tmp_path / "ds", seed=0, context_window=0, n=3000)
     env = {**os.environ, "FAIRSEQ_KNNLM_NO_FAIRSEQ": "1", WORKER_DELAY_ENV: "300"}

@@ -1,7 +1,7 @@
 """Sharded dumps: N workers' shards read as one datastore through the manifest, with exactly
 the entries of a single-worker dump; ConcatRows against numpy; manifest validation.
 
-Run: python -m pytest -q tests/test_shards.py
+Run: python -m pytest -q tests/store/test_shards.py
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def test_manifest_errors_are_clear(tiny, tmp_path):
 def test_sharded_datastore_scores_like_single(tiny, dstore, sharded):
     """kNN-LM over the 3-shard datastore (flat index, exact L2 read through the shards) gives
     the single datastore's perplexity."""
-    from fairseq_knnlm.index.build import IndexSettings, build_index
+    from fairseq_knnlm.index.build import build_index
+    from fairseq_knnlm.index.kinds import IndexSettings
 
     prefix = sharded
     build_index(prefix, f"{prefix}.flat", IndexSettings(index_type="flat"), progress=False)

@@ -2,7 +2,7 @@
 the same neighbours and distances on the CPU, the same perplexity through eval-lm; on a GPU
 (skipped without CUDA) float16 keys give the same neighbours after the exact re-rank.
 
-Run: python -m pytest -q tests/test_torch_search.py
+Run: python -m pytest -q tests/search/test_torch_search.py
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ search policy, the eval-lm wiring (threshold above k = plain kNN-LM, pointers fo
 text across batches and context windows, the searches line) and the offline replay
 (knnlm-sweep --pointer-thresholds) against online runs.
 
-Run: python -m pytest -q tests/test_pointers.py
+Run: python -m pytest -q tests/adaptive/test_pointers.py
 """
 
 from __future__ import annotations
@@ -330,7 +330,7 @@ def test_replay_equals_online_runs(tiny, dstore, tmp_path, caplog):
     """knnlm-sweep --pointer-thresholds from one full-search pass equals the online runs with
     those thresholds: same number of searches, same perplexity."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2", "--knn-pointers")
@@ -399,7 +399,7 @@ def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
 
 
 def _searches_total(prefix) -> int:
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     return load_neighbors(prefix).n
 
@@ -408,7 +408,8 @@ def test_pointer_pass_neighbours_sweep_and_refusals(tiny, dstore, tmp_path):
     """A pass scored partly from pointers saves what it used: sweeping its lambda and T at its
     k works; k' < k, FAISS distances or a replay of it are refused with the flag named."""
     from fairseq_knnlm.cli.sweep import cli_main
-    from fairseq_knnlm.offline.sweep import check_sweep, load_neighbors, sweep
+    from fairseq_knnlm.offline.neighbours import load_neighbors
+    from fairseq_knnlm.offline.sweep import check_sweep, sweep
 
     prefix = tmp_path / "ptr" / "valid"
     res = eval_lm_inprocess(eval_args(tiny, "valid", *_knn(

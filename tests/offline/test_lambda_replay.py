@@ -3,7 +3,7 @@ the LM features the scorer saves, knnlm-fit-lambda on saved neighbours, --knn-la
 and --knn-skip-below online against the offline replay (knnlm-sweep --lambda-model), and
 the refusals.
 
-Run: python -m pytest -q tests/test_lambda_replay.py
+Run: python -m pytest -q tests/offline/test_lambda_replay.py
 """
 
 from __future__ import annotations
@@ -20,14 +20,9 @@ import pytest
 import torch
 from conftest import BIN, eval_args, eval_lm_inprocess, run, searches_logged
 
-from fairseq_knnlm.adaptive.lambda_model import (
-    AGREEMENT_FEATURES,
-    ConstantHead,
-    LambdaModel,
-    lm_features,
-    load_model,
-    save_model,
-)
+from fairseq_knnlm.adaptive.lambda_features import AGREEMENT_FEATURES, lm_features
+from fairseq_knnlm.adaptive.lambda_file import load_model, save_model
+from fairseq_knnlm.adaptive.lambda_model import ConstantHead, LambdaModel
 from fairseq_knnlm.errors import FlagError
 
 K, T = "8", "2"
@@ -78,7 +73,7 @@ def _vocab(tiny) -> int:
 # ---- what the scorer saves ----
 
 def test_saved_lm_features_are_those_of_the_lm(saved):
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     nb = load_neighbors(saved["valid"])
     a = {k: np.asarray(v) for k, v in nb.arrays.items()}
@@ -179,7 +174,7 @@ def test_online_equals_the_replay(tiny, dstore, saved, caplog, tmp_path, which):
     fixed lambda."""
     from fairseq_knnlm.cli.sweep import cli_main
     from fairseq_knnlm.offline.lambda_replay import token_inputs
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved[which]
@@ -336,7 +331,7 @@ def test_skipping_with_pointers(tiny, dstore, saved, caplog):
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     model = load_model(saved["mlp"])
     from fairseq_knnlm.offline.lambda_replay import token_inputs
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     inp = token_inputs(load_neighbors(saved["test"]), model.freq, model.k, model.temperature)
     gate = model.gate_lambdas({f: torch.from_numpy(v) for f, v in inp.x.items()}, len(inp))
@@ -404,7 +399,7 @@ def test_pointer_model_online_equals_the_replay(tiny, dstore, saved_ptr, caplog,
     fewer searches than tokens."""
     from fairseq_knnlm.cli.sweep import cli_main
     from fairseq_knnlm.offline.lambda_replay import _pre_x
-    from fairseq_knnlm.offline.sweep import load_neighbors
+    from fairseq_knnlm.offline.neighbours import load_neighbors
 
     caplog.set_level(logging.INFO, logger="fairseq_knnlm")
     path = saved_ptr["model" if which == "plain" else "clmodel"]
@@ -484,9 +479,10 @@ def test_huge_logits_are_finite_and_equal_online_in_the_replay_and_the_fitter(
     """lambda = sigmoid(z) rounds to 1 in float32 for z > ~17: the mixture is taken from the
     logit in log space, by one function online, in the replay and in the fitter's held-out
     evaluation, so all three give the same finite perplexity (before: Perplexity inf)."""
-    from fairseq_knnlm.adaptive.lambda_model import head_nll
+    from fairseq_knnlm.adaptive.lambda_fit import head_nll
     from fairseq_knnlm.offline.lambda_replay import replay, searched_nll, token_inputs
-    from fairseq_knnlm.offline.sweep import load_neighbors, ppl_from_nll
+    from fairseq_knnlm.offline.neighbours import load_neighbors
+    from fairseq_knnlm.offline.sweep import ppl_from_nll
 
     head = _huge_head(z)
     vocab = _vocab(tiny)

@@ -2,7 +2,7 @@
 types compared by the state they name, shard-aware saved neighbours, progress lines, and
 one-line errors from the real console script.
 
-Run: python -m pytest -q tests/test_runtime.py
+Run: python -m pytest -q tests/plugin/test_runtime.py
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ from fairseq_knnlm.flags import (
     check_model_overrides,
     same_key_state,
 )
-from fairseq_knnlm.offline.sweep import load_neighbors, sweep
+from fairseq_knnlm.offline.neighbours import load_neighbors
+from fairseq_knnlm.offline.sweep import sweep
 from fairseq_knnlm.plugin.eval_lm_patch import debug_requested, user_error_message
 from fairseq_knnlm.store.datastore import DatastoreError, open_datastore
 from fairseq_knnlm.store.shards import shard_prefix

@@ -1,0 +1,151 @@
+"""The features a lambda model reads (lambda_model.py's design note): before the search, from
+p_LM and the text (``PRE_FEATURES``: ``lm_features``, ``pre_features``, ``freq_table``), and after
+it, from the neighbours (``POST_FEATURES``: ``knn_features``, ``agreement_features``). The same
+float32 functions serve eval-lm, the replay and the fitter. Plain numpy and torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+PathLike = Union[str, Path]
+
+
+PRE_FEATURES = {
+    "lm_entropy": "entropy of p_LM(.|context) in nats",
+    "lm_max_logp": "max_v log p_LM(v|context)",
+    "prev_log_freq": "log(1 + count in the datastore's values of the context's last token)",
+}
+POST_FEATURES = {
+    "knn_min_dist": "the nearest neighbour's distance (the model's distance and k)",
+    "knn_weight_entropy": "entropy of the neighbours' softmax(-d/T) weights, nats",
+    "knn_top_mass": "max_v p_kNN(v): the weight of the neighbours' most common value",
+    "knn_log_count": "log(1 + number of neighbours): log(1 + k) when searched, the live "
+                     "pointers' count when scored from pointers (models fitted with pointers)",
+    "knn_lm_agreement": "log sum_v p_kNN(v) p_LM(v): how much p_LM the neighbours' values get",
+    "lm_logp_knn_top": "log p_LM(v*), v* = argmax_v p_kNN(v) (the neighbours' best guess)",
+    "knn_mass_lm_top": "p_kNN(argmax_v p_LM(v)): the neighbours' weight on the LM's best guess",
+}
+# POST features that compare the neighbours with p_LM: they need p_LM at the neighbours' values
+# and the LM's argmax (saved as PREFIX_lm_logp_nbrs / PREFIX_lm_argmax)
+AGREEMENT_FEATURES = ("knn_lm_agreement", "lm_logp_knn_top", "knn_mass_lm_top")
+# POST features that only vary when some tokens are scored from pointers (--knn-min-pointers)
+POINTER_FEATURES = ("knn_log_count",)
+FEATURES = {**PRE_FEATURES, **POST_FEATURES}
+
+
+# ---- features ----
+
+def lm_features(logp: torch.Tensor) -> torch.Tensor:
+    """(n, 2) float32 [entropy, max log-prob] of n log-distributions (n, V)."""
+    lp = logp.float()
+    ent = torch.special.entr(lp.exp()).sum(-1)
+    return torch.stack([ent, lp.max(-1).values], dim=1)
+
+
+def lm_argmax(logp: torch.Tensor) -> torch.Tensor:
+    """(n,) int64 argmax_v of n log-distributions (n, V) (the first of ties, as torch.max)."""
+    return logp.float().max(-1).indices
+
+
+def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:
+    """(V,) float32 log(1 + count) of each token among the datastore's values."""
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for s in range(0, len(vals), chunk):
+        v = np.asarray(vals[s:s + chunk]).reshape(-1).astype(np.int64)
+        counts += np.bincount(v, minlength=vocab_size)[:vocab_size]
+    return np.log1p(counts).astype(np.float32)
+
+
+def top_value(weights: torch.Tensor, values: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n,) max over values v of the summed weights of a row's neighbours whose value is v, and
+    that v (the smallest of ties; -1 for a row without neighbours), for weights (n, k), 0
+    where no neighbour, and values (n, k) int."""
+    if not values.shape[1]:
+        return torch.zeros(len(values)), torch.full((len(values),), -1, dtype=torch.long)
+    vs, order = values.long().sort(dim=1, stable=True)
+    ws = weights.gather(1, order)
+    c = ws.cumsum(1)
+    start = torch.ones_like(vs, dtype=torch.bool)
+    start[:, 1:] = vs[:, 1:] != vs[:, :-1]
+    # the cumulative weight before each run of equal values, carried along the run
+    base = torch.where(start, c - ws, torch.zeros_like(c)).cummax(dim=1).values
+    mass, at = (c - base).max(dim=1)
+    return mass, vs.gather(1, at[:, None])[:, 0]
+
+
+def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(n,) the mass of ``top_value``."""
+    return top_value(weights, values)[0]
+
+
+def agreement_features(logw: torch.Tensor, values: torch.Tensor, top: torch.Tensor,
+                       lm_logp_nbrs: torch.Tensor, lm_top: torch.Tensor
+                       ) -> dict[str, torch.Tensor]:
+    """AGREEMENT_FEATURES of rows with neighbours: ``logw`` (n, k) log softmax weights (-inf
+    where no neighbour), ``values`` (n, k) their values (-1 there), ``top`` (n,) the value of
+    ``top_value``, ``lm_logp_nbrs`` (n, k) log p_LM at each neighbour's value, ``lm_top`` (n,)
+    the LM's argmax."""
+    finite = torch.isfinite(logw)
+    w = logw.exp().masked_fill(~finite, 0.0)
+    lp = lm_logp_nbrs.float().masked_fill(~finite, float("-inf"))
+    agree = torch.logsumexp(logw.masked_fill(~finite, float("-inf")) + lp, dim=1)
+    first = (values == top[:, None]) & finite
+    at = first.float().argmax(dim=1, keepdim=True)  # a neighbour holding v*
+    lm_top_lp = lm_logp_nbrs.float().gather(1, at)[:, 0]
+    mass_lm = (w * (values == lm_top.long()[:, None]).float()).sum(1)
+    return {"knn_lm_agreement": agree, "lm_logp_knn_top": lm_top_lp, "knn_mass_lm_top": mass_lm}
+
+
+def knn_features(dists: torch.Tensor, temperature: float,
+                 values: Optional[torch.Tensor] = None,
+                 lm_logp_nbrs: Optional[torch.Tensor] = None,
+                 lm_top: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """POST_FEATURES of (n, k) float32 distances (inf where no neighbour), the neighbours'
+    values (n, k) (knn_top_mass), and p_LM at them with the LM's argmax (AGREEMENT_FEATURES);
+    those without their inputs are left out. A row without neighbours gets 0 for all (it is
+    not searched, so no lambda is applied to it)."""
+    d = dists.float()
+    finite = torch.isfinite(d)
+    dmin = d.min(dim=1).values
+    logits = (-d / temperature).masked_fill(~finite, float("-inf"))
+    logw = torch.log_softmax(logits, dim=1)
+    ent = -(logw.exp() * logw.masked_fill(~finite, 0.0)).sum(1)
+    any_ = finite.any(dim=1)
+    zero = torch.zeros_like(dmin)
+    out = {"knn_min_dist": torch.where(any_, dmin, zero),
+           "knn_weight_entropy": torch.where(any_, ent, zero),
+           "knn_log_count": torch.log1p(finite.sum(1).float())}
+    if values is not None:
+        vals = values.to(d.device)
+        mass, top = top_value(logw.exp().masked_fill(~finite, 0.0), vals)
+        out["knn_top_mass"] = torch.where(any_, mass, zero)
+        if lm_logp_nbrs is not None and lm_top is not None:
+            rows = any_.nonzero()[:, 0]
+            agree = agreement_features(logw[rows], vals[rows], top[rows],
+                                       lm_logp_nbrs.to(d.device)[rows],
+                                       lm_top.to(d.device)[rows])
+            for f, v in agree.items():
+                out[f] = zero.clone().index_put_((rows,), v.float())
+    return out
+
+
+def needs_agreement(features: Sequence[str]) -> bool:
+    return any(f in AGREEMENT_FEATURES for f in features)
+
+
+def pre_features(lm_feats: torch.Tensor, prev_tokens: torch.Tensor, freq: np.ndarray
+                 ) -> dict[str, torch.Tensor]:
+    """PRE_FEATURES from ``lm_features`` (n, 2) and the context's last tokens (n,)."""
+    table = torch.from_numpy(np.asarray(freq, dtype=np.float32))
+    prev = prev_tokens.long().cpu().clamp(0, len(table) - 1)
+    return {"lm_entropy": lm_feats[:, 0].float().cpu(),
+            "lm_max_logp": lm_feats[:, 1].float().cpu(),
+            "prev_log_freq": table[prev]}
