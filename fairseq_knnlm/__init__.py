@@ -15,6 +15,14 @@ __version__ = "0.1.0"
 # and torch costs ~300 MB of RSS per process
 NO_FAIRSEQ_ENV = "FAIRSEQ_KNNLM_NO_FAIRSEQ"
 
+# FAISS (its own libgomp) and torch (another) each keep idle OpenMP threads spinning; when
+# small FAISS calls alternate with torch work (pointer runs) the spinning pools take the cores
+# from each other. PASSIVE makes idle threads sleep. Each libgomp reads it when it loads:
+# FAISS's always loads after this line, torch's only when this package is imported first
+# (the knnlm-* tools); search/retriever.py's torch_threads handles torch's side in eval-lm.
+# Set the variable yourself to choose otherwise.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 if os.environ.get(NO_FAIRSEQ_ENV) != "1":
     try:
         import fairseq  # noqa: F401

@@ -156,6 +156,9 @@ def check_flags(t: Any) -> None:
         if t.knn_pointers:
             _require(t.knn_min_pointers >= 0,
                      f"--knn-min-pointers must be >= 0, got {t.knn_min_pointers}")
+            _require(t.knn_stream_len >= 0,
+                     f"--knn-stream-len must be >= 0 (0: a row is one stream), got "
+                     f"{t.knn_stream_len}")
             _require(not (t.knn_gpu and sim == "faiss_l2" and not t.knn_torch_exact),
                      "--knn-pointers with FAISS distances (faiss_l2) reads the index's codes, "
                      "which a GPU index does not offer: drop --knn-gpu or use --knn-sim-func l2")
@@ -174,6 +177,8 @@ def check_flags(t: Any) -> None:
     _require(t.knn_skip_below == 0.0 or bool(t.knn_lambda_model),
              "--knn-skip-below thresholds a lambda model's prediction: it needs "
              "--knn-lambda-model MODEL")
+    _require(not t.knn_stream_len or (t.knnlm and t.knn_pointers),
+             "--knn-stream-len splits the pointers' streams: it needs --knnlm --knn-pointers")
     _require(not t.knn_clusters or (t.knnlm and t.knn_pointers),
              "--knn-clusters extends the pointers: it needs --knnlm --knn-pointers")
     if t.knn_cache:

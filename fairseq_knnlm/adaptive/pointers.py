@@ -45,12 +45,16 @@ threshold then replays from those files and the datastore's keys, equal to its o
 (searched steps read the saved FAISS results; FAISS may break near-ties a little differently
 for 16 queries than for 4,096, so on IVFPQ the two agree to the last digits, not bit for bit).
 
-*Cost* (WikiText-2 QUICK, 2 cores, benchmarks/pointer_curve.py): a pointer step measures a
-few dozen rows (hundreds with clusters) instead of searching and measuring k; stepping the
-batch token by token hands FAISS 16 queries per call instead of thousands (~25% more per
-query on IVFPQ) and costs ~40 us of bookkeeping per token; clusters' expansion is a Python
-loop per row (~170 us per token). Tokens with no surviving pointer (34% with clusters, 49%
-without, on that setup) are searched whatever the threshold.
+*Wide steps* (``split_streams``, ``--knn-stream-len N``): a row can be cut into streams of N
+tokens, all stepped together, so a step hands FAISS rows x len/N queries instead of one per
+row (and the tail batch of a few rows stops being a string of tiny calls); each stream starts
+without pointers, one search more per stream. The saved ``fresh`` flags mark those starts,
+so the replay follows the same streams.
+
+*Cost*: docs/performance.md (benchmarks/speed.py) has the measured profile and speeds.
+``Clusters.expand`` is vectorised over the rows (``expand_loop`` is its per-row definition).
+Tokens with no surviving pointer (34% with clusters, 49% without, WikiText-2 QUICK) are
+searched whatever the threshold.
 """
 
 from __future__ import annotations
@@ -74,9 +78,12 @@ MODE_NAMES = {SEARCH: "search", POINTERS: "pointers", SKIP: "skip"}
 class SearchPolicy(Protocol):
     """Decides, before a step, how each of its tokens finds its neighbours."""
 
-    def decide(self, n_pointers: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+    # whether ``decide`` reads the queries (run_streams gathers them only then)
+    reads_queries: bool
+
+    def decide(self, n_pointers: np.ndarray, queries: Optional[torch.Tensor]) -> np.ndarray:
         """(m,) int8 modes (SEARCH, POINTERS, SKIP) for m tokens with ``n_pointers`` live
-        pointers each and keys ``queries`` (m, D)."""
+        pointers each and keys ``queries`` (m, D; None when ``reads_queries`` is False)."""
         ...
 
 
@@ -86,8 +93,9 @@ class MinPointers:
     else search. ``n`` > k never uses them (a step has at most k pointers)."""
 
     n: int
+    reads_queries = False
 
-    def decide(self, n_pointers: np.ndarray, queries: torch.Tensor) -> np.ndarray:
+    def decide(self, n_pointers: np.ndarray, queries: Optional[torch.Tensor]) -> np.ndarray:
         use = np.asarray(n_pointers) >= max(self.n, 1)
         return np.where(use, POINTERS, SEARCH).astype(np.int8)
 
@@ -131,10 +139,13 @@ def compact(ptrs: np.ndarray) -> np.ndarray:
     """(m, c) the rows' pointers moved to the front in their order, c = the largest count
     (at least 1), -1 after them."""
     ptrs = np.asarray(ptrs, dtype=np.int64)
-    counts = (ptrs >= 0).sum(axis=1)
-    width = max(1, int(counts.max())) if len(ptrs) else 1
-    order = np.argsort(ptrs < 0, axis=1, kind="stable")[:, :width]
-    return np.take_along_axis(ptrs, order, axis=1)
+    valid = ptrs >= 0
+    slot = np.cumsum(valid, axis=1) - 1  # each pointer's place in its row
+    width = max(1, int(slot[:, -1].max()) + 1) if ptrs.size else 1
+    out = np.full((len(ptrs), width), -1, dtype=np.int64)
+    r, c = np.nonzero(valid)
+    out[r, slot[r, c]] = ptrs[r, c]
+    return out
 
 
 def nearest_first(ids: np.ndarray, dists: torch.Tensor, k: int
@@ -209,7 +220,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         idx = starts_a[rows] + t
         cand = expand(compact(ptrs[rows])) if expand is not None else ptrs[rows]
         counts = (cand >= 0).sum(axis=1)
-        m = policy.decide(counts, queries(idx))
+        m = policy.decide(counts, queries(idx) if getattr(policy, "reads_queries", True)
+                          else None)
         if preset_skip is not None:  # the gate decides only the tokens the policy searches
             m = np.where(preset_skip[idx] & (m == SEARCH), SKIP, m).astype(np.int8)
         modes[idx], n_ptr[idx] = m, counts
@@ -249,6 +261,24 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
                          n_pointers=n_ptr, final=final)
 
 
+def split_streams(row_lengths: Sequence[int], stream_len: int
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(starts, lengths, first_of_row) of the streams of consecutive rows of the given
+    lengths (tokens laid out row after row): each row one stream (``stream_len`` 0), or cut
+    into streams of ``stream_len`` tokens (the last one shorter). ``first_of_row`` marks the
+    streams that begin a row: only those may continue the text before them."""
+    rows = np.asarray(row_lengths, dtype=np.int64)
+    row_starts = np.concatenate([[0], np.cumsum(rows)[:-1]]).astype(np.int64)
+    if stream_len <= 0:
+        return row_starts, rows, np.ones(len(rows), dtype=bool)
+    per_row = np.maximum(1, -(-rows // stream_len))  # a 0-length row keeps one stream
+    row_of = np.repeat(np.arange(len(rows)), per_row)
+    j = np.arange(len(row_of)) - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    starts = row_starts[row_of] + j * stream_len
+    lengths = np.minimum(stream_len, rows[row_of] - j * stream_len).clip(min=0)
+    return starts.astype(np.int64), lengths.astype(np.int64), j == 0
+
+
 class CarriedPointers:
     """The pointers a batch leaves for the next one, keyed by the text position that comes
     next: a row whose first scored token sits there continues that stream. Only the last
@@ -284,12 +314,65 @@ class Clusters:
         self.per_cluster, self.limit = int(per_cluster), int(limit)
         self.num_clusters = int(num_clusters)
 
+        # the members as one padded table (C, per_cluster), -1 after a cluster's last
+        sizes = np.minimum(np.diff(self.bounds), self.per_cluster)
+        self.sizes = sizes.astype(np.int64)
+        width = max(1, int(sizes.max()) if len(sizes) else 1)
+        col = np.arange(width)
+        at = self.bounds[:-1, None] + col[None, :]
+        self.table = np.where(col[None, :] < sizes[:, None],
+                              self.order[np.minimum(at, max(len(self.order) - 1, 0))], -1)
+
     def members(self, cluster: int) -> np.ndarray:
         lo = self.bounds[cluster]
         return self.order[lo:min(self.bounds[cluster + 1], lo + self.per_cluster)]
 
     def expand(self, ptrs: np.ndarray) -> np.ndarray:
-        """(u, c) pointers (-1 padded) -> (u, w) candidates, -1 padded."""
+        """(u, c) pointers (-1 padded, no duplicate in a row) -> (u, w) candidates, -1
+        padded: each row's pointers, then the members of their clusters in the order the
+        clusters are first met, without the rows already there, at most ``limit``.
+
+        Vectorised over the rows: clusters are disjoint, so only the pointers can repeat a
+        member; the clusters whose members are needed are those met before the row has
+        ``limit`` members (each cluster's ``per_cluster`` at most). ``expand_loop`` is the
+        plain per-row definition it equals."""
+        p = compact(ptrs)
+        u, c = p.shape
+        if u == 0:
+            return np.full((0, 1), -1, dtype=np.int64)
+        valid = p >= 0
+        cs = np.where(valid, self.assign[np.where(valid, p, 0)], -1)
+        # first time each (row, cluster) is met, in pointer order
+        key = np.where(valid, cs, self.num_clusters) + (np.arange(u)[:, None]
+                                                        * (self.num_clusters + 1))
+        flat = key.ravel()
+        order = np.argsort(flat, kind="stable")
+        first_sorted = np.ones(len(flat), dtype=bool)
+        first_sorted[1:] = flat[order][1:] != flat[order][:-1]
+        first = np.zeros(len(flat), dtype=bool)
+        first[order] = first_sorted
+        first = first.reshape(u, c) & valid
+        fc = compact(np.where(first, cs, -1))  # (u, F) first-met clusters in order
+        fsz = np.where(fc >= 0, self.sizes[np.where(fc >= 0, fc, 0)], 0)
+        before = np.cumsum(fsz, axis=1) - fsz  # members met before each cluster
+        need = (fc >= 0) & (before < self.limit)
+        f = max(1, int(need.sum(axis=1).max()))
+        fc = np.where(need, fc, -1)[:, :f]
+        mem = np.where(fc[:, :, None] >= 0, self.table[np.where(fc >= 0, fc, 0)], -1)
+        mem = mem.reshape(u, -1)
+        # drop the members that are already pointers of the same row
+        if mem.size and valid.any():
+            stride = np.int64(len(self.assign) + 1)
+            rows = np.arange(u, dtype=np.int64)[:, None] * stride
+            have = np.sort((p + rows)[valid])  # small: the pointers
+            want = mem + rows
+            at = np.minimum(np.searchsorted(have, want), len(have) - 1)
+            mem = np.where((mem >= 0) & (have[at] == want), -1, mem)
+        out = compact(np.concatenate([p, mem], axis=1))
+        return out[:, :max(1, min(out.shape[1], self.limit))]
+
+    def expand_loop(self, ptrs: np.ndarray) -> np.ndarray:
+        """``expand``, one row at a time (the definition; tests compare the two)."""
         rows = []
         for row in np.asarray(ptrs):
             p = row[row >= 0]

@@ -80,6 +80,11 @@ class KNNLMOptions:
         "help": "with --knn-pointers: use the pointers as the neighbours (exact distances "
                 "from the keys, or from the index's codes with faiss_l2) when at least this "
                 "many are alive, else search; above --k it always searches (= plain kNN-LM)"})
+    knn_stream_len: int = field(default=0, metadata={
+        "help": "with --knn-pointers: step each row's scored tokens as streams of at most "
+                "this many tokens, all together (rows x len/N queries per FAISS call instead "
+                "of one per row); each stream starts without pointers (one search more per "
+                "stream, counted in the searches line). 0: a row is one stream"})
     knn_clusters: Optional[str] = field(default=None, metadata={
         "help": "with --knn-pointers: cluster files (knnlm-clusters) "
                 "so that each pointer stands for the members of its cluster (RetoMaton); "

@@ -22,6 +22,7 @@ from fairseq_knnlm.adaptive.pointers import (
     count_modes,
     load_clusters,
     searches_line,
+    split_streams,
 )
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.flags import check_dstore_size, normalize_sim_func, same_key_state
@@ -191,16 +192,18 @@ class KNNScorer:
     def _score_streams(self, sample: dict, b: Batch, policy: SearchPolicy,
                        positions: Positions, skip: Optional[np.ndarray] = None
                        ) -> tuple[torch.Tensor, Retrieved]:
-        """p_kNN with pointers (pointers.py): every row of the batch is a stream, scored in
-        lockstep; a row continues the pointers of the token before it in the text only if
-        that token was scored in an earlier batch (CarriedPointers)."""
+        """p_kNN with pointers (pointers.py): every row of the batch is a stream (or several
+        of at most --knn-stream-len tokens), scored in lockstep; a row continues the pointers
+        of the token before it in the text only if that token was scored in an earlier
+        batch (CarriedPointers)."""
         pos = positions(sample, b)
-        lengths = np.array([n for _, _, n in b.spans], dtype=np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        rows = np.array([n for _, _, n in b.spans], dtype=np.int64)
+        starts, lengths, first_of_row = split_streams(rows, int(self.t.knn_stream_len))
         first = np.array([pos[s] if n else -1 for s, n in zip(starts, lengths)], np.int64)
         last = np.array([pos[s + n - 1] if n else -1 for s, n in zip(starts, lengths)],
                         np.int64)
-        init = self.carried.take(first)
+        # a stream continues the text before it only at a row's start (CarriedPointers)
+        init = [p if f else None for p, f in zip(self.carried.take(first), first_of_row)]
         every = getattr(policy, "searches_every_token", None)
         most = self.clusters.limit if self.clusters is not None else self.retriever.k
         if every is not None and every(most):  # one call, as without pointers

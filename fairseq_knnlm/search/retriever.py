@@ -10,12 +10,13 @@ policy says so. ``--knn-torch-exact`` replaces the FAISS index by an exact torch
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -83,6 +84,29 @@ class CodeDistances:
             rec = self.base.reconstruct_batch(np.ascontiguousarray(ids[rows, cols]))
             out[rows, cols] = ((rec - q[rows]) ** 2).sum(1)
         return torch.from_numpy(out).to(queries.device)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` inside the block (restored after).
+
+    The exact distances are gathers of key rows in blocks of a few queries: many short
+    OpenMP regions, memory bound. FAISS and torch each bring their own OpenMP runtime, whose
+    idle threads spin, and a region ends only when all its threads are done: right after a
+    FAISS call of 256 queries the gathers took ~10x longer with torch's two threads than with
+    one (2 cores), and 5-8x longer in a full-search pass on a loaded machine (other jobs
+    taking a core). On one thread they no longer wait for a thread that is not running
+    (FAISS's pool sleeps when idle: the package sets OMP_WAIT_POLICY=PASSIVE before FAISS
+    loads); the LM forward keeps all threads. docs/performance.md has the numbers."""
+    before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class KNNRetriever:
@@ -193,7 +217,8 @@ class KNNRetriever:
     def retrieve(self, queries: torch.Tensor) -> Retrieved:
         q = queries.detach().float()
         fd, ids = self.search(q)
-        dists = self.distances(q, ids, fd)
+        with torch_threads(1):  # see torch_threads
+            dists = self.distances(q, ids, fd)
         nbr_vals, valid = self.values(ids, q.device)
         self.timing["queries"] += len(q)
         return Retrieved(ids=ids, faiss_dists=fd, dists=dists, nbr_vals=nbr_vals, valid=valid)
@@ -252,10 +277,11 @@ class KNNRetriever:
         def dist_fn(idx: np.ndarray, ids: np.ndarray) -> torch.Tensor:
             return self.pointer_distances(q[torch.from_numpy(idx)], ids)
 
-        return run_streams(starts, lengths, init, targets.cpu().numpy(),
-                           lambda idx: q[torch.from_numpy(idx)], search_fn, dist_fn,
-                           self.vals.numpy(), self.continues, self.k, policy, self.timing,
-                           expand, preset_skip)
+        with torch_threads(1):  # see torch_threads
+            return run_streams(starts, lengths, init, targets.cpu().numpy(),
+                               lambda idx: q[torch.from_numpy(idx)], search_fn, dist_fn,
+                               self.vals.numpy(), self.continues, self.k, policy,
+                               self.timing, expand, preset_skip)
 
     def score_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                       starts: Sequence[int], lengths: Sequence[int],

@@ -32,6 +32,7 @@ from fairseq_knnlm.adaptive.pointers import (
     next_pointers,
     run_streams,
     searches_line,
+    split_streams,
     stream_continues,
     successors,
 )
@@ -120,6 +121,35 @@ def test_clusters_expand_pointers_to_their_members():
     # row 0: its pointers, then cluster 1's and cluster 0's members, no duplicates, <= 6
     assert got.tolist() == [[1, 2, 4, 5, 0], [-1] * 5, [6, 3, -1, -1, -1]]
     assert Clusters(assign, order, 3, limit=2).expand(np.array([[1, 2]])).tolist() == [[1, 2]]
+
+
+def test_vectorised_expand_equals_the_per_row_definition():
+    """Clusters.expand (vectorised over rows) = Clusters.expand_loop, on random clusterings
+    (small and large clusters, limits below and above the pointers, empty rows)."""
+    rng = np.random.default_rng(3)
+    for n, num, per, limit in ((500, 7, 128, 64), (3000, 300, 3, 50), (3000, 40, 128, 2048),
+                               (2000, 2000, 1, 20)):
+        assign = rng.integers(0, num, n)
+        order = np.argsort(assign, kind="stable")
+        c = Clusters(assign, order, num, per_cluster=per, limit=limit)
+        for _ in range(25):
+            u, w = int(rng.integers(0, 30)), int(rng.integers(1, 200))
+            ptrs = np.full((u, w), -1)
+            for i in range(u):
+                m = int(rng.integers(0, w + 1))
+                ptrs[i, :m] = rng.choice(n, m, replace=False)
+                rng.shuffle(ptrs[i])
+            a, b = c.expand(ptrs), c.expand_loop(ptrs)
+            assert a.shape == b.shape and (a == b).all()
+
+
+def test_split_streams_cuts_rows_and_marks_their_first_stream():
+    starts, lengths, first = split_streams([10, 0, 7, 4], 4)
+    assert starts.tolist() == [0, 4, 8, 10, 10, 14, 17]
+    assert lengths.tolist() == [4, 4, 2, 0, 4, 3, 4]
+    assert first.tolist() == [True, False, False, True, True, False, True]
+    starts, lengths, first = split_streams([10, 0, 7], 0)  # 0: a row is one stream
+    assert starts.tolist() == [0, 10, 10] and lengths.tolist() == [10, 0, 7] and first.all()
 
 
 # ---- run_streams on a synthetic datastore ----
@@ -360,6 +390,65 @@ def test_replay_equals_online_runs(tiny, dstore, tmp_path, caplog):
     assert rows[0]["searches"] != rows[-1]["searches"]
 
 
+@pytest.mark.parametrize("clustered", [False, True])
+def test_stream_len_online_equals_replay(tiny, dstore, tmp_path, caplog, clustered):
+    """--knn-stream-len cuts each row into streams stepped together: each starts fresh (one
+    search more per stream, marked in the saved 'fresh' flags), so the replay of a pass saved
+    with the same --knn-stream-len equals the online runs; the searches line counts the
+    restarts (more searches than one stream per row at the same threshold)."""
+    from fairseq_knnlm.cli.clusters import cli_main as clusters_main
+    from fairseq_knnlm.cli.sweep import cli_main
+    from fairseq_knnlm.offline.neighbours import load_neighbors
+
+    caplog.set_level(logging.INFO, logger="fairseq_knnlm")
+    extra: tuple[str, ...] = ()
+    sweep_extra: list[str] = []
+    if clustered:
+        cl = tmp_path / "clusters" / "c40"
+        assert clusters_main([str(dstore), str(cl), "--num-clusters", "40", "--niter",
+                              "5"]) == 0
+        extra, sweep_extra = ("--knn-clusters", str(cl)), ["--clusters", str(cl)]
+    knn = _knn(dstore, "--k", "8", "--lmbda", "0.3", "--knn-temp", "2", "--knn-pointers",
+               "--max-tokens", "256", *extra)
+    prefix = tmp_path / "nbrs" / "valid"
+    eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", "17",
+                                "--knn-stream-len", "5", "--knn-save-neighbors", str(prefix)))
+    nb = load_neighbors(prefix)
+    fresh = np.asarray(nb.arrays["fresh"]).astype(bool)
+    online, whole = {}, {}
+    for thr in (1, 4):
+        res = eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", str(thr),
+                                          "--knn-stream-len", "5"))
+        online[thr] = (res["perplexity"], _searches(caplog)[0])
+        eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", str(thr)))
+        whole[thr] = _searches(caplog)[0]
+        assert online[thr][1] > whole[thr]  # the restarts are searched and counted
+        assert online[thr][1] >= fresh.sum()  # every stream start is a search
+    out = tmp_path / "replay.json"
+    assert cli_main([str(prefix), "--pointer-thresholds", "1,4", "--lambdas", "0.3",
+                     "--temps", "2", "--json", str(out), *sweep_extra]) == 0
+    for r in json.loads(out.read_text())["rows"]:
+        ppl, searches = online[r["min_pointers"]]
+        assert r["searches"] == searches and r["ppl"] == pytest.approx(ppl, rel=1e-5), r
+
+
+def test_substreams_do_not_leak_pointers(synth):
+    """Streams cut from one row (split_streams) and stepped together give each stream what
+    it gets alone from a fresh start: no pointer passes from one stream to the next."""
+    q = torch.from_numpy(synth["keys"][:60] + 0.05)
+    targets = synth["vals"][1:61]
+    starts, lengths, _ = split_streams([60], 12)
+    together = _run(synth, q, targets, starts, lengths, 8, MinPointers(2))
+    assert (together.modes[starts] == SEARCH).all()
+    for s, n in zip(starts, lengths):
+        alone = _run(synth, q, targets, [s], [n], 8, MinPointers(2))
+        sl = slice(s, s + n)
+        assert (together.modes[sl] == alone.modes[sl]).all()
+        assert (together.ids[sl] == alone.ids[sl]).all()
+    whole = _run(synth, q, targets, [0], [60], 8, MinPointers(2))
+    assert (whole.modes == POINTERS).sum() > (together.modes == POINTERS).sum()
+
+
 def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
     """--knn-clusters: pointers stand for their clusters' members; fewer searches than plain
     pointers at the same threshold, and the replay (--clusters) equals the online run."""
@@ -456,6 +545,9 @@ def _opts(**flags):
     ({"knn_torch_exact": True}, "--knn-torch-exact is a kNN search: it needs --knnlm"),
     ({"knnlm": True, "dstore_filename": "d"}, "--indexfile INDEX (or --knn-torch-exact)"),
     ({"knn_clusters": "c"}, "--knn-clusters extends the pointers: it needs --knnlm"),
+    ({"knn_stream_len": 32}, "--knn-stream-len splits the pointers' streams: it needs"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_pointers": True,
+      "knn_stream_len": -2}, "--knn-stream-len must be >= 0 (0: a row is one stream), got -2"),
     ({"knnlm": True, "dstore_filename": "d", "knn_torch_exact": True, "no_load_keys": True,
       "knn_sim_func": "faiss_l2"}, "--knn-torch-exact searches the keys"),
 ])

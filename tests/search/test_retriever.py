@@ -59,3 +59,22 @@ def test_do_not_recomp_l2_is_faiss_l2_and_needs_no_keys(small):
     ref = KNNRetriever(d / "ds", d / "flat.index", k=10, sim_func="faiss_l2", load_keys=False)
     tg = torch.tensor([1, 2, 3, 4])
     assert torch.equal(r.score(q, tg)[0], ref.score(q, tg)[0])
+
+
+def test_torch_threads_sets_and_restores():
+    """The exact-distance stages run with torch on one thread; the LM's setting comes back,
+    also after an error inside the block."""
+    from fairseq_knnlm.search.retriever import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError):
+            with torch_threads(1):
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

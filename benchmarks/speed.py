@@ -1,0 +1,224 @@
+"""Speed of every way to save searches (issue #25): pointers, clusters, lambda models with and
+without the gate, fast index settings; tokens/s against stock eval-lm and against full search
+with the same index, medians of round-robin repeats in one run, and the Pareto plot.
+
+    python benchmarks/speed.py --run-dir runs/wikitext2_quick --out-dir runs/wikitext2_quick/speed \
+        --subset test --lmbda 0.3 --temp 5 --repeats 3
+
+Needs examples/wikitext2 steps 1-5 (QUICK=1 or not). Builds into OUT what is missing: the
+fast-scan index, the clusters, and two lambda models fitted on a valid pass saved with
+--knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
+--knn-min-pointers 1 with --knn-stream-len STREAM). Every kNN row keeps the keys in RAM
+(--move-dstore-to-mem), so that the page cache does not decide the exact distances' cost.
+
+Columns: searched fraction, perplexity, tokens/s (median) as ratios to stock eval-lm and to
+full search with the same index, and the kNN overhead (time minus the plugin's pass without
+--knnlm) as a fraction of full search's overhead, beside the target (searched + 0.15).
+Writes OUT/speed.json, OUT/speed.md, OUT/speed.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from pointer_curve import BIN, REPO, parse_run, sh  # noqa: E402
+
+
+def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
+            knn: Any) -> dict[str, Path]:
+    """The fast-scan index, the clusters and the lambda models (built once into OUT)."""
+    dstore = run / "dstore" / "train"
+    got = {"fastscan": out / "train.fs.index", "clusters": out / f"clusters_c{a.num_clusters}",
+           "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
+    if not Path(f"{got['fastscan']}.meta.json").exists():
+        print("building the fast-scan index", flush=True)
+        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
+            str(got["fastscan"]), "--index-type", "ivfpq-fastscan", "--ncentroids",
+            str(a.ncentroids), "--code-size", "64", "--train-size", "1000000", "--probe",
+            str(a.probe), "--seed", "1"])
+    if not Path(f"{got['clusters']}_meta.json").exists():
+        print("building the clusters", flush=True)
+        sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore),
+            str(got["clusters"]), "--num-clusters", str(a.num_clusters)])
+    for name, extra, fit in (
+            ("lam_mlp", [], []),
+            ("lam_ptr1", ["--knn-stream-len", str(a.stream_len)], ["--min-pointers", "1"])):
+        if got[name].exists():
+            continue
+        nbrs = out / f"nbrs_valid_{name}"
+        print(f"saving a valid pass and fitting {got[name].name}", flush=True)
+        sh([str(BIN / "fairseq-eval-lm"), *[x if x != a.subset else "valid" for x in base],
+            *knn("ivfpq", "--knn-pointers", "--knn-min-pointers", str(a.k + 1),
+                 "--knn-save-neighbors", str(nbrs), *extra)])
+        sh([str(BIN / "knnlm-fit-lambda"), str(nbrs), "--out", str(got[name]), "--kind",
+            "mlp", "--temp", str(a.temp), "--force", *fit])
+    return got
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--subset", default="test")
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--probe", type=int, default=32)
+    ap.add_argument("--lmbda", type=float, default=0.3)
+    ap.add_argument("--temp", type=float, default=5.0)
+    ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
+    ap.add_argument("--num-clusters", type=int, default=2000)
+    ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
+                    "that use it")
+    ap.add_argument("--skip-below", type=float, default=0.05)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--only", default="", help="comma list of row-name substrings to time")
+    ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")
+    a = ap.parse_args()
+    run, out = a.run_dir, a.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    dstore = run / "dstore" / "train"
+    t0 = time.time()
+    base = [str(run / "data-bin"), "--path", str(run / "checkpoints" / "checkpoint_best.pt"),
+            "--tokens-per-sample", "512", "--context-window", "256", "--sample-break-mode",
+            "none", "--max-tokens", "8192", "--cpu", "--num-workers", "0", "--gen-subset",
+            a.subset]
+    plugin = ["--user-dir", str(REPO / "fairseq_knnlm")]
+    indexes = {"ivfpq": run / "dstore" / "train.index"}
+
+    def knn(index: str, *extra: str, probe: int | None = None) -> list[str]:
+        return [*plugin, "--knnlm", "--dstore-filename", str(dstore), "--indexfile",
+                str(indexes[index]), "--k", str(a.k), "--probe", str(probe or a.probe),
+                "--lmbda", str(a.lmbda), "--knn-temp", str(a.temp), "--move-dstore-to-mem",
+                *extra]
+
+    got = prepare(a, run, out, base, lambda index, *extra: knn(index, *extra))
+    indexes["fastscan"] = got["fastscan"]
+    s = str(a.stream_len)
+    ptr = ["--knn-pointers", "--knn-min-pointers"]
+    cl = ["--knn-clusters", str(got["clusters"])]
+    rows: dict[str, tuple[str, list[str]]] = {  # name -> (index it compares with, args)
+        "eval-lm (stock, no plugin)": ("", []),
+        "plugin, no kNN": ("", plugin),
+    }
+    for index in ("ivfpq", "fastscan"):
+        rows[f"{index}: full search"] = (index, knn(index))
+        rows[f"{index}: pointers 64"] = (index, knn(index, *ptr, "64"))
+        rows[f"{index}: pointers 64, stream {s}"] = (index, knn(index, *ptr, "64",
+                                                                "--knn-stream-len", s))
+        rows[f"{index}: clusters 512"] = (index, knn(index, *ptr, "512", *cl))
+        rows[f"{index}: clusters 512, stream {s}"] = (index, knn(index, *ptr, "512", *cl,
+                                                                 "--knn-stream-len", s))
+    lam_mlp, lam_ptr = ["--knn-lambda-model", str(got["lam_mlp"])], [
+        "--knn-lambda-model", str(got["lam_ptr1"])]
+    rows["ivfpq: λ MLP"] = ("ivfpq", knn("ivfpq", *lam_mlp))
+    rows[f"ivfpq: λ MLP, gate {a.skip_below:g}"] = (
+        "ivfpq", knn("ivfpq", *lam_mlp, "--knn-skip-below", str(a.skip_below)))
+    rows[f"ivfpq: λ MLP for pointers 1, stream {s}"] = (
+        "ivfpq", knn("ivfpq", *lam_ptr, *ptr, "1", "--knn-stream-len", s))
+    rows["fastscan: full search, probe 8"] = ("fastscan", knn("fastscan", probe=8))
+    rows[f"fastscan: clusters 512, stream {s}, probe 8"] = (
+        "fastscan", knn("fastscan", *ptr, "512", *cl, "--knn-stream-len", s, probe=8))
+    if a.only:
+        keep = a.only.split(",")
+        rows = {n: r for n, r in rows.items() if n in ("eval-lm (stock, no plugin)",
+                "plugin, no kNN", "ivfpq: full search", "fastscan: full search")
+                or any(x in n for x in keep)}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
+    for rep in range(a.repeats):
+        for name, (_, args) in rows.items():
+            runs[name].append(parse_run(sh([str(BIN / "fairseq-eval-lm"), *base, *args])))
+        print(f"round {rep + 1} of {a.repeats} done ({time.time() - t0:.0f}s)", flush=True)
+    result = summarise(runs, rows)
+    result.update({"args": {k: str(v) for k, v in vars(a).items()}, "wall_s": time.time() - t0,
+                   "commands": {n: " ".join(["fairseq-eval-lm", *base, *r[1]])
+                                for n, r in rows.items()}})
+    (out / "speed.json").write_text(json.dumps(result, indent=1))
+    md = table(result)
+    (out / "speed.md").write_text(md)
+    print(md)
+    plot(result, out / "speed.png", a.label)
+    print(f"wrote {out / 'speed.png'} ({time.time() - t0:.0f}s in all)")
+
+
+def summarise(runs: dict[str, list[dict[str, Any]]], rows: dict[str, tuple[str, list[str]]]
+              ) -> dict[str, Any]:
+    """Medians over the repeats; ratios to stock eval-lm and to the same index's full
+    search; the kNN overhead against the full search's (seconds less the no-kNN pass's)."""
+    def med(name: str, key: str) -> float:
+        return statistics.median(r[key] for r in runs[name])
+
+    stock, plain = med("eval-lm (stock, no plugin)", "seconds"), med("plugin, no kNN",
+                                                                      "seconds")
+    out = []
+    for name, (index, _) in rows.items():
+        sec, r = med(name, "seconds"), runs[name][0]
+        row: dict[str, Any] = {"row": name, "index": index, "seconds": sec,
+                               "tokens_per_s": r["tokens"] / sec,
+                               "vs_stock": stock / sec, "ppl": r["ppl"],
+                               "searched": r["searches"] / r["tokens"] if "searches" in r
+                               else None, "all_seconds": [x["seconds"] for x in runs[name]],
+                               "stages": runs[name][-1].get("stages")}
+        if index:
+            full = med(f"{index}: full search", "seconds")
+            row["vs_full"] = full / sec
+            row["overhead"] = (sec - plain) / max(full - plain, 1e-9)
+            row["overhead_target"] = (row["searched"] or 0.0) + 0.15
+        out.append(row)
+    return {"rows": out, "stock_s": stock, "plugin_no_knn_s": plain}
+
+
+def table(result: dict[str, Any]) -> str:
+    lines = ["| run | searched | ppl | tokens/s | vs stock eval-lm | vs full search (same "
+             "index) | kNN overhead / full's (target) |", "|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        sf = f"{100 * r['searched']:.1f}%" if r["searched"] is not None else "-"
+        vf = f"{r['vs_full']:.2f}x" if "vs_full" in r else "-"
+        ov = (f"{r['overhead']:.2f} ({r['overhead_target']:.2f})" if "overhead" in r
+              else "-")
+        lines.append(f"| {r['row']} | {sf} | {r['ppl']:.2f} | {r['tokens_per_s']:.0f} | "
+                     f"{r['vs_stock']:.2f}x | {vf} | {ov} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path, label: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib.pyplot as plt
+
+    pts = [(r["vs_stock"], r["ppl"], r["row"]) for r in result["rows"] if r["index"]]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange"}
+    for r in result["rows"]:
+        if r["index"]:
+            ax.scatter(r["vs_stock"], r["ppl"], color=colors.get(r["index"], "gray"), s=18)
+            ax.annotate(r["row"].split(": ", 1)[1], (r["vs_stock"], r["ppl"]), fontsize=6,
+                        xytext=(3, 2), textcoords="offset points")
+    front, best = [], float("inf")  # the Pareto front: faster and no worse
+    for x, y, _ in sorted(pts, key=lambda p: -p[0]):
+        if y < best:
+            front.append((x, y))
+            best = y
+    ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
+    ax.axvline(1.0, color="red", lw=0.8, ls=":", label="stock eval-lm speed")
+    ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{label}: speed against perplexity", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
