@@ -134,6 +134,35 @@ def check_retrieval_flags(k: int, probe: int, temperature: float, sim_func: str,
     return sim
 
 
+ENGINES = ("local", "ray")
+
+
+def check_engine_flags(engine: str, ray_address: Optional[str], torch_exact: bool,
+                       gpu: bool, engine_flag: str = "--knn-engine") -> None:
+    """Where the search (or build) runs: 'local' (this process) or 'ray' (one actor per
+    shard of a sharded index, search/ray_search.py); --ray-address only with ray."""
+    _require(engine in ENGINES, f"{engine_flag} must be one of {', '.join(ENGINES)}, "
+             f"got {engine!r}")
+    _require(not ray_address or engine == "ray",
+             f"--ray-address names the Ray cluster of {engine_flag} ray: add "
+             f"{engine_flag} ray or drop --ray-address")
+    if engine == "ray":
+        _require(not torch_exact, f"--knn-torch-exact searches in this process: drop it or "
+                 f"{engine_flag} ray")
+        _require(not gpu, f"{engine_flag} ray searches the shards on the Ray workers' CPUs: "
+                 "drop --knn-gpu")
+
+
+def check_shards_flag(shards: Optional[int], engine: str, on_disk: bool, gpu: bool) -> None:
+    """knnlm-build-index's --shards / --engine: a sharded build (one index per slice)."""
+    check_engine_flags(engine, None, False, False, engine_flag="--engine")
+    if shards is not None:
+        _require(shards >= 0, f"--shards must be >= 1 (or 0: the datastore's own shards), "
+                 f"got {shards}")
+    sharded = engine == "ray" or shards is not None
+    _require(not (sharded and gpu), "--shards / --engine ray build on CPU: drop --gpu")
+
+
 # ---- an eval-lm run's options ----
 
 def check_flags(t: Any) -> None:
@@ -153,6 +182,8 @@ def check_flags(t: Any) -> None:
                                     not t.no_load_keys, bool(t.knn_torch_exact),
                                     bool(t.dstore_filename and t.indexfile))
         require_lambda(t.lmbda, "--lmbda")
+        check_engine_flags(getattr(t, "knn_engine", "local"), getattr(t, "ray_address", None),
+                           bool(t.knn_torch_exact), bool(t.knn_gpu))
         if t.knn_pointers:
             _require(t.knn_min_pointers >= 0,
                      f"--knn-min-pointers must be >= 0, got {t.knn_min_pointers}")
@@ -162,6 +193,9 @@ def check_flags(t: Any) -> None:
             _require(not (t.knn_gpu and sim == "faiss_l2" and not t.knn_torch_exact),
                      "--knn-pointers with FAISS distances (faiss_l2) reads the index's codes, "
                      "which a GPU index does not offer: drop --knn-gpu or use --knn-sim-func l2")
+            _require(not (getattr(t, "knn_engine", "local") == "ray" and sim == "faiss_l2"),
+                     "--knn-pointers with FAISS distances (faiss_l2) reads the index's codes, "
+                     "which stay with the Ray actors: use --knn-sim-func l2")
     else:
         _require(not t.knn_save_neighbors,
                  "--knn-save-neighbors saves what the kNN search retrieved: it needs --knnlm")
@@ -169,6 +203,10 @@ def check_flags(t: Any) -> None:
         _require(not t.knn_torch_exact, "--knn-torch-exact is a kNN search: it needs --knnlm")
         _require(not t.knn_lambda_model,
                  "--knn-lambda-model weighs the kNN distribution: it needs --knnlm")
+        _require(getattr(t, "knn_engine", "local") == "local" and
+                 not getattr(t, "ray_address", None),
+                 "--knn-engine / --ray-address choose where the kNN search runs: they need "
+                 "--knnlm")
     require_lambda(t.knn_skip_below, "--knn-skip-below")
     _require(not (t.knn_skip_below > 0 and t.knn_save_neighbors),
              "--knn-save-neighbors with --knn-skip-below would save no neighbours for the "

@@ -1,6 +1,7 @@
 """Loading a built index: its sidecar record (``read_index_record``), the check that it belongs
 to this datastore and dump (``check_index_matches``), ``load_index`` (nprobe, memory mapping,
-GPU), ``set_probe`` and the batched ``search``.
+GPU, a sharded index's manifest: index/sharded.py), ``set_probe`` and the batched
+``search``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
     mp = meta_path(index_path)
     rec = json.loads(mp.read_text()) if mp.exists() else {}
     on_disk = bool(rec.get("on_disk"))
+    if rec.get("sharded"):  # a manifest of shards (index/sharded.py): IndexShards over them
+        from fairseq_knnlm.index.sharded import load_sharded_local
+
+        if gpu:
+            raise IndexBuildError(f"{index_path} is a sharded index: --knn-gpu moves one "
+                                  "index to the GPU(s); search it on CPU or with "
+                                  "--knn-engine ray")
+        return load_sharded_local(index_path, probe=probe, mmap=mmap)
     if gpu and rec.get("settings", {}).get("index_type") == "ivfpq-fastscan":
         raise IndexBuildError(f"{index_path} is an ivfpq-fastscan index, which FAISS cannot "
                               "move to a GPU: drop --knn-gpu or build an ivfpq index")

@@ -62,6 +62,13 @@ class KNNLMOptions:
         "help": "search on the GPU (needs a CUDA FAISS build)"})
     knn_mmap_index: bool = field(default=False, metadata={
         "help": "memory-map the FAISS index (IO_FLAG_MMAP) instead of reading it into RAM"})
+    knn_engine: str = field(default="local", metadata={
+        "help": "where the kNN search runs: local (this process; a sharded index as faiss "
+                "IndexShards) or ray (one Ray actor per shard of a sharded index, built by "
+                "knnlm-build-index --shards N / --engine ray; docs/ray.md)"})
+    ray_address: Optional[str] = field(default=None, metadata={
+        "help": "with --knn-engine ray: the Ray cluster to join (default: RAY_ADDRESS, else "
+                "an embedded local Ray started for the run)"})
     knn_save_neighbors: Optional[str] = field(default=None, metadata={
         "help": "save retrieved neighbours (ids, distances, LM log-probs) to this prefix for "
                 "offline sweeps with knnlm-sweep; with --knn-pointers also the queries and "

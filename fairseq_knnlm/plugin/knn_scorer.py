@@ -43,7 +43,7 @@ class KNNScorer:
             t.dstore_filename, t.indexfile, k=t.k, probe=t.probe, sim_func=t.knn_sim_func,
             temperature=t.knn_temp, keys_in_memory=t.move_dstore_to_mem,
             load_keys=not t.no_load_keys, gpu=t.knn_gpu, mmap_index=t.knn_mmap_index,
-            torch_exact=t.knn_torch_exact)
+            torch_exact=t.knn_torch_exact, engine=t.knn_engine, ray_address=t.ray_address)
         # a lambda per token (lambda_model.py), and the searches its gate skips
         self.skip_below = float(t.knn_skip_below)
         self.lambda_model: Optional[LambdaModel] = None

@@ -30,7 +30,7 @@ from fairseq_knnlm.adaptive.pointers import (
     stream_continues,
 )
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.flags import check_retrieval_flags
+from fairseq_knnlm.flags import check_engine_flags, check_retrieval_flags
 from fairseq_knnlm.index.kinds import _faiss
 from fairseq_knnlm.index.load import check_index_matches, load_index, search
 from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, knn_log_prob, recompute_distances
@@ -61,6 +61,11 @@ class CodeDistances:
     def __init__(self, index: Any) -> None:
         faiss = _faiss()
         self.pre = None
+        if not hasattr(index, "this") or isinstance(faiss.downcast_index(index),
+                                                    faiss.IndexShards):
+            raise FlagError("--knn-pointers with FAISS distances (faiss_l2) reads one index's "
+                            "codes; a sharded index has none in this process: use "
+                            "--knn-sim-func l2")
         base = faiss.downcast_index(index)
         if isinstance(base, faiss.IndexPreTransform):
             self.pre = base
@@ -125,9 +130,12 @@ class KNNRetriever:
         gpu: bool = False,
         mmap_index: bool = False,
         torch_exact: bool = False,
+        engine: str = "local",
+        ray_address: Optional[str] = None,
     ) -> None:
         sim_func = check_retrieval_flags(k, probe, temperature, sim_func, load_keys,
                                          torch_exact, index_path is not None)
+        check_engine_flags(engine, ray_address, torch_exact, gpu)
         self.ds: Datastore = open_datastore(dstore_prefix, load_keys=load_keys,
                                             keys_in_memory=keys_in_memory)
         if k > self.ds.size:
@@ -143,6 +151,19 @@ class KNNRetriever:
             self.index = TorchExactIndex(self.ds.keys, "dot" if sim_func == "dot" else "l2",
                                          device="cuda" if gpu else "cpu")
             what = f"exact torch search on {'cuda' if gpu else 'cpu'}"
+        elif engine == "ray":  # one actor per shard (search/ray_search.py; imports Ray)
+            from fairseq_knnlm.search.ray_search import RayShardedIndex
+
+            assert index_path is not None
+            self.record = check_index_matches(index_path, self.ds)
+            if not self.record.get("sharded"):
+                raise FlagError(f"--knn-engine ray serves a sharded index (knnlm-build-index "
+                                f"--shards N or --engine ray); {index_path} is one piece")
+            self.index = RayShardedIndex(index_path, self.ds.prefix, probe=probe,
+                                         sim_func=sim_func, keys_in_memory=keys_in_memory,
+                                         mmap=mmap_index, address=ray_address)
+            what = (f"index {index_path} ({self.record.get('settings', {}).get('index_type')}"
+                    f", {len(self.index.actors)} shards on Ray)")
         else:
             assert index_path is not None
             self.record = check_index_matches(index_path, self.ds)
@@ -176,8 +197,13 @@ class KNNRetriever:
             d = torch.from_numpy(np.where(ids >= 0, faiss_dists, np.inf).astype(np.float32))
             d = d.to(q.device)
         else:
-            assert self.ds.keys is not None
-            d = recompute_distances(q, ids, self.ds.keys, self.sim_func)
+            remote = getattr(self.index, "exact_for", None)  # computed by the shards' actors
+            ex = remote(ids) if remote is not None else None
+            if ex is not None:
+                d = torch.from_numpy(ex).to(q.device)
+            else:
+                assert self.ds.keys is not None
+                d = recompute_distances(q, ids, self.ds.keys, self.sim_func)
         self.timing["exact_distances"] += time.perf_counter() - t0
         return d
 
