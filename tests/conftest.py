@@ -117,3 +117,15 @@ def dstore(tiny: dict) -> Path:
                                 str(prefix)))
     build_index(prefix, f"{prefix}.flat", IndexSettings(index_type="flat"), progress=False)
     return prefix
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded local Ray (2 CPUs, no dashboard) for every Ray test of the session,
+    started on first use and shut down at the end (starting one costs seconds)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING",
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()

@@ -21,6 +21,13 @@ their inverted lists into INDEX.ivfdata (memory-mapped at query time):
 
     knnlm-build-index --dstore-mmap big --faiss-index big.index --on-disk --workers 2
 
+Beyond one machine: --shards N (or --engine ray) adds N slices of the datastore (0: its own
+shards) to copies of the trained index, one index file per shard, and writes at
+--faiss-index a manifest tying them (eval-lm's --indexfile takes it, with --knn-engine ray
+or in one process); --engine ray runs the shards as Ray tasks (docs/ray.md):
+
+    knnlm-build-index --dstore-mmap big --faiss-index big.index --engine ray --shards 8
+
 Progress: a bar on a terminal; in a log file, a line every 30 s (keys done, keys/s, ETA).
 """
 
@@ -32,6 +39,7 @@ import sys
 from typing import Optional
 
 from fairseq_knnlm.errors import KNNLMError
+from fairseq_knnlm.flags import check_engine_flags, check_shards_flag
 from fairseq_knnlm.index.build import build_index
 from fairseq_knnlm.index.kinds import (
     INDEX_TYPES,
@@ -42,6 +50,7 @@ from fairseq_knnlm.index.kinds import (
     validate_settings,
 )
 from fairseq_knnlm.index.ondisk import build_index_ondisk
+from fairseq_knnlm.index.sharded import build_index_sharded
 from fairseq_knnlm.store.datastore import DatastoreMeta, read_meta
 
 logger = logging.getLogger("fairseq_knnlm.cli.build_index")
@@ -87,6 +96,18 @@ def get_parser() -> argparse.ArgumentParser:
                         "split between them)")
     p.add_argument("--keep-parts", action="store_true",
                    help="--on-disk: keep INDEX.parts/ after the merge")
+    p.add_argument("--engine", default="local", choices=["local", "ray"],
+                   help="where the shards are built: local (this process) or ray (one Ray "
+                        "task per shard; an embedded local Ray unless --ray-address); ray "
+                        "implies a sharded build (--shards, default: the datastore's shards)")
+    p.add_argument("--ray-address", default=None,
+                   help="--engine ray: the Ray cluster to join (default: RAY_ADDRESS, else a "
+                        "local Ray started for the build)")
+    p.add_argument("--shards", type=int, default=None,
+                   help="a sharded index of this many slices of the datastore (0: one per "
+                        "datastore shard): one index file per shard + a manifest at "
+                        "--faiss-index; with --on-disk the shards are merged into one "
+                        "on-disk index instead. Resumable: finished shards are kept")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar (nor progress log lines)")
     g = p.add_argument_group("the authors' build_dstore.py flags (checked, not needed: the "
@@ -143,8 +164,21 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
             raise IndexFlagError(f"--starting-point must be >= 0, got {args.starting_point}")
         if args.on_disk and args.gpu:
             raise IndexBuildError("--on-disk builds on CPU: drop --gpu")
+        check_engine_flags(args.engine, args.ray_address, False, False, engine_flag="--engine")
+        check_shards_flag(args.shards, args.engine, args.on_disk, args.gpu)
         check_declared(read_meta(args.dstore_mmap), args, argv)
-        if args.on_disk:
+        if args.engine == "ray" or args.shards is not None:
+            runner, threads = None, 0
+            if args.engine == "ray":
+                from fairseq_knnlm.index.ray_build import ray_runner
+
+                runner, threads = ray_runner(args.ray_address), 1
+            build_index_sharded(args.dstore_mmap, args.faiss_index, settings,
+                                num_shards=args.shards or None,
+                                add_chunk=args.num_keys_to_add_at_a_time, runner=runner,
+                                threads=threads, merge_on_disk=args.on_disk,
+                                progress=not args.no_progress)
+        elif args.on_disk:
             build_index_ondisk(args.dstore_mmap, args.faiss_index, settings,
                                shard_size=args.add_shard_size or None, workers=args.workers,
                                add_chunk=args.num_keys_to_add_at_a_time,

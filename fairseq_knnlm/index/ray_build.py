@@ -42,9 +42,12 @@ def worker_env() -> dict[str, Any]:
     """The runtime environment of our Ray workers: the plain modules only (no fairseq: its
     import costs ~300 MB and seconds per worker), the same OpenMP wait policy."""
     from fairseq_knnlm import NO_FAIRSEQ_ENV
+    from fairseq_knnlm.index.sharded import KILL_SHARD_ENV
 
     env = {NO_FAIRSEQ_ENV: "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY",
                                                                   "PASSIVE")}
+    if os.environ.get(KILL_SHARD_ENV):  # testing aid, passed on to the workers
+        env[KILL_SHARD_ENV] = os.environ[KILL_SHARD_ENV]
     return {"env_vars": env}
 
 
