@@ -1,0 +1,54 @@
+"""fairseq-eval-lm --knnlm --knn-engine ray on the tiny LM: the same perplexity as the
+single-process search over the same shards and (flat) as the unsharded flat index, with and
+without pointers; the options' rules before anything loads."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import eval_args, eval_lm_inprocess
+
+from fairseq_knnlm.errors import FlagError
+from fairseq_knnlm.index.kinds import IndexSettings
+from fairseq_knnlm.index.sharded import build_index_sharded
+
+
+@pytest.fixture(scope="module")
+def flat3(dstore):
+    path = f"{dstore}.flat3"
+    build_index_sharded(dstore, path, IndexSettings(index_type="flat"), num_shards=3,
+                        progress=False)
+    return path
+
+
+def _knn(dstore, index, *extra):
+    return ("--knnlm", "--dstore-filename", str(dstore), "--indexfile", str(index), "--k", "16",
+            "--knn-temp", "5", *extra)
+
+
+@pytest.mark.parametrize("extra", [(), ("--knn-pointers", "--knn-min-pointers", "4")],
+                         ids=["search", "pointers"])
+def test_ray_perplexity_equals_single_process(ray_local, tiny, dstore, flat3, extra):
+    flat = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, f"{dstore}.flat", *extra)))
+    local = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, flat3, *extra)))
+    ray = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, flat3, "--knn-engine", "ray",
+                                                          *extra)))
+    assert ray["loss"] == local["loss"] == flat["loss"]
+
+
+@pytest.mark.parametrize("extra,msg", [
+    (("--knn-engine", "ray", "--knn-torch-exact"), "--knn-torch-exact searches in this"),
+    (("--ray-address", "h:1"), "--ray-address names the Ray cluster"),
+    (("--knn-engine", "ray", "--knn-pointers", "--knn-sim-func", "faiss_l2"),
+     "stay with the Ray actors"),
+])
+def test_engine_flag_rules(tiny, dstore, extra, msg):
+    with pytest.raises(FlagError, match=msg):
+        eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, "nope.index", *extra)))
+
+
+def test_engine_needs_knnlm():
+    from fairseq_knnlm.flags import check_flags
+    from fairseq_knnlm.plugin.config import KNNLMOptions
+
+    with pytest.raises(FlagError, match="--knn-engine / --ray-address choose where"):
+        check_flags(KNNLMOptions(knn_engine="ray", save_knnlm_dstore=True, dstore_mmap="x"))
