@@ -60,7 +60,8 @@ class NeighborWriter:
     """Growable memmaps for the per-token retrieval results of one pass."""
 
     def __init__(self, prefix: PathLike, k: int, with_l2: bool, with_cache: bool,
-                 query_dim: Optional[int] = None, with_lm_features: bool = False) -> None:
+                 query_dim: Optional[int] = None, with_lm_features: bool = False,
+                 with_lm_nbrs: bool = True) -> None:
         self.prefix, self.k, self.query_dim = Path(prefix), k, query_dim
         # the files being rewritten no longer describe a finished pass (a sharded pass's
         # manifest at this prefix included: this unsharded pass replaces it)
@@ -78,7 +79,7 @@ class NeighborWriter:
         if with_cache:
             specs["cache_logp"] = (_p(prefix, "cache_logp"), np.float32, ())
         if with_lm_features:
-            for name in LM_FEATURE_ARRAYS + LM_NBR_ARRAYS:
+            for name in LM_FEATURE_ARRAYS + (LM_NBR_ARRAYS if with_lm_nbrs else ()):
                 shape = (k,) if _SPEC[name][1] == "k" else ()
                 specs[name] = (_p(prefix, name), _SPEC[name][0], shape)
         if query_dim is not None:
