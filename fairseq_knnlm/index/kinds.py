@@ -147,6 +147,25 @@ def new_index(settings: IndexSettings, dim: int) -> Any:
     return faiss.index_factory(dim, settings.describe(dim), faiss.METRIC_L2)
 
 
+def set_probe(index: Any, probe: int) -> None:
+    """Set nprobe on an IVF index (also under a pre-transform, on GPU, or sharded over
+    GPUs); no-op for flat indexes."""
+    faiss = _faiss()
+    try:
+        faiss.extract_index_ivf(index).nprobe = probe
+        return
+    except (RuntimeError, AttributeError):
+        pass
+    if hasattr(faiss, "GpuParameterSpace") and not hasattr(index, "nprobe"):
+        try:  # IndexShards / IndexReplicas of GPU indexes
+            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", probe)
+            return
+        except RuntimeError:
+            pass
+    if hasattr(index, "nprobe"):
+        index.nprobe = probe
+
+
 def _gpu_available() -> bool:
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0

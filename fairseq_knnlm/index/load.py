@@ -14,7 +14,14 @@ from typing import Any, Union
 
 import numpy as np
 
-from fairseq_knnlm.index.kinds import IndexBuildError, _faiss, _to_gpu, meta_path, require_gpu
+from fairseq_knnlm.index.kinds import (  # noqa: F401  (set_probe: re-exported)
+    IndexBuildError,
+    _faiss,
+    _to_gpu,
+    meta_path,
+    require_gpu,
+    set_probe,
+)
 from fairseq_knnlm.store.datastore import (
     Datastore,
     DatastoreError,
@@ -88,25 +95,6 @@ def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
         index = _to_gpu(index, all_gpus=True)
         set_probe(index, probe)
     return index
-
-
-def set_probe(index: Any, probe: int) -> None:
-    """Set nprobe on an IVF index (also under a pre-transform, on GPU, or sharded over
-    GPUs); no-op for flat indexes."""
-    faiss = _faiss()
-    try:
-        faiss.extract_index_ivf(index).nprobe = probe
-        return
-    except (RuntimeError, AttributeError):
-        pass
-    if hasattr(faiss, "GpuParameterSpace") and not hasattr(index, "nprobe"):
-        try:  # IndexShards / IndexReplicas of GPU indexes
-            faiss.GpuParameterSpace().set_index_parameter(index, "nprobe", probe)
-            return
-        except RuntimeError:
-            pass
-    if hasattr(index, "nprobe"):
-        index.nprobe = probe
 
 
 def search(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -52,6 +52,7 @@ from fairseq_knnlm.index.kinds import (
     _faiss,
     check_settings,
     meta_path,
+    set_probe,
     validate_build_args,
     validate_settings,
 )
@@ -233,8 +234,6 @@ def carry_along(ids: np.ndarray, values: np.ndarray, merged: np.ndarray) -> np.n
 
 def load_shard(man: IndexManifest, i: int, probe: int, mmap: bool = False) -> Any:
     """Shard i's FAISS index, checked against the manifest, with nprobe set."""
-    from fairseq_knnlm.index.load import set_probe
-
     faiss = _faiss()
     check_shard(man, i)
     flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY if mmap else 0
