@@ -6,7 +6,9 @@
 Pure arithmetic from the file formats (raw keys, int32 values, int64 positions) and FAISS's
 IVFPQ layout (code_size bytes + an 8-byte id per vector, float32 centroids); model memory
 and FAISS's transient buffers are not included. The on-disk rows are for
-``knnlm-build-index --on-disk`` (parts of --add-shard-size rows, --workers processes).
+``knnlm-build-index --on-disk`` (parts of --add-shard-size rows, --workers processes);
+``--shards N`` adds what each Ray task of ``--engine ray --shards N`` and each actor of
+``--knn-engine ray`` needs (docs/ray.md).
 """
 
 from __future__ import annotations
@@ -30,6 +32,33 @@ class Plan:
     part_bytes: float = 0.0
     chunk_bytes: float = 0.0
     workers: int = 1
+    shards: int = 0  # --shards / Ray actors of a sharded index (0: no Ray rows)
+    keys_bytes_per_row: int = 2
+    tokens: int = 0
+    dim: int = 0
+
+    def actor_bytes(self, keys_in_memory: bool = False) -> float:
+        """RAM of one Ray actor of the search: its shard's index (+ its keys in RAM)."""
+        per = self.index_bytes / max(1, self.shards)
+        return per + (self.keys_ram_if_loaded / max(1, self.shards) if keys_in_memory else 0)
+
+    def ray_rows(self) -> list[tuple[str, str, str]]:
+        n = self.shards
+        rows_per = -(-self.tokens // n)
+        task = self.index_bytes / n + self.chunk_bytes
+        return [
+            (f"index: add --engine ray --shards {n}",
+             f"RAM per task about {task / GB:,.2f} GB (one shard's index, {rows_per:,} rows, "
+             f"+ one chunk of float32 keys); at most as many tasks at once as CPUs",
+             f"disk {self.index_bytes / GB:,.1f} GB in {n} shard files + the manifest"),
+            (f"search --knn-engine ray ({n} actors)",
+             f"RAM per actor {self.actor_bytes() / GB:,.2f} GB (its shard's index); with "
+             f"--move-dstore-to-mem {self.actor_bytes(True) / GB:,.2f} GB (+ its "
+             f"{self.keys_ram_if_loaded / n / GB:,.1f} GB of keys)",
+             f"in all {self.index_bytes / GB:,.1f} GB (+ {self.keys_ram_if_loaded / GB:,.1f} GB "
+             "keys in RAM, or read from the memmap by the node holding each shard); each node "
+             "must see its shards' files"),
+        ]
 
     def rows(self) -> list[tuple[str, str, str]]:
         dstore = self.keys_disk + self.vals_disk + self.pos_disk
@@ -63,14 +92,15 @@ class Plan:
 
 def plan(tokens: int, dim: int, key_dtype: str = "float16", code_size: int = 64,
          ncentroids: int = 4096, train_size: int = 1_000_000, add_shard_size: int = 5_000_000,
-         add_chunk: int = 500_000, workers: int = 1) -> Plan:
+         add_chunk: int = 500_000, workers: int = 1, shards: int = 0) -> Plan:
     kb = {"float16": 2, "float32": 4}[key_dtype]
     index = tokens * (code_size + 8) + ncentroids * dim * 4
     return Plan(keys_disk=tokens * dim * kb, vals_disk=tokens * 4, pos_disk=tokens * 8,
                 train_sample_ram=min(train_size, tokens) * dim * 4, index_bytes=index,
                 keys_ram_if_loaded=tokens * dim * kb,
                 part_bytes=min(add_shard_size, tokens) * (code_size + 8) + ncentroids * dim * 4,
-                chunk_bytes=min(add_chunk, tokens) * dim * 4, workers=workers)
+                chunk_bytes=min(add_chunk, tokens) * dim * 4, workers=workers, shards=shards,
+                keys_bytes_per_row=kb * dim, tokens=tokens, dim=dim)
 
 
 def cli_main(argv: Optional[list[str]] = None) -> int:
@@ -85,13 +115,20 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--add-shard-size", type=int, default=5_000_000, help="--on-disk part size")
     p.add_argument("--num-keys-to-add-at-a-time", type=int, default=500_000)
     p.add_argument("--workers", type=int, default=1, help="--on-disk worker processes")
+    p.add_argument("--shards", type=int, default=0,
+                   help="also the rows of a sharded build and search on Ray (--engine ray "
+                        "--shards N, --knn-engine ray): what each task and actor needs")
     a = p.parse_args(argv)
+    if a.shards < 0:
+        print(f"knnlm-plan: error: --shards must be >= 1 (0: no Ray rows), got {a.shards}",
+              file=sys.stderr)
+        return 2
     pl = plan(a.tokens, a.dim, a.key_dtype, a.code_size, a.ncentroids, a.train_size,
-              a.add_shard_size, a.num_keys_to_add_at_a_time, a.workers)
+              a.add_shard_size, a.num_keys_to_add_at_a_time, a.workers, a.shards)
     print(f"{a.tokens:,} keys x {a.dim} dims ({a.key_dtype}); IVF{a.ncentroids},PQ{a.code_size}")
     print("| step | needs | also |")
     print("|---|---|---|")
-    for step, need, also in pl.rows():
+    for step, need, also in pl.rows() + (pl.ray_rows() if a.shards else []):
         print(f"| {step} | {need} | {also} |")
     return 0
 

@@ -32,3 +32,13 @@ def test_ondisk_build_ram_is_bounded_by_flags_not_size():
     assert small.part_bytes == big.part_bytes and small.chunk_bytes == big.chunk_bytes
     assert big.part_bytes + big.chunk_bytes < 3e9 < big.index_bytes  # vs 216 GB in one piece
     assert plan(1000, 48).part_bytes < plan(50_000_000, 48).part_bytes  # small stores: smaller
+
+
+def test_ray_rows_say_what_each_actor_needs(capsys):
+    p = plan(103_227_021, 1024, "float16", shards=8)
+    assert p.actor_bytes() == p.index_bytes / 8
+    assert p.actor_bytes(True) == (p.index_bytes + p.keys_ram_if_loaded) / 8
+    assert cli_main(["--tokens", "103227021", "--dim", "1024", "--shards", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "search --knn-engine ray (8 actors) | RAM per actor 0.93 GB" in out
+    assert cli_main(["--tokens", "10", "--dim", "8", "--shards", "-1"]) == 2
