@@ -38,14 +38,17 @@ def _ray() -> Any:
     return ray
 
 
-def worker_env() -> dict[str, Any]:
+def worker_env(threads: Optional[int] = None) -> dict[str, Any]:
     """The runtime environment of our Ray workers: the plain modules only (no fairseq: its
-    import costs ~300 MB and seconds per worker), the same OpenMP wait policy."""
+    import costs ~300 MB and seconds per worker), the same OpenMP wait policy, and (threads)
+    OMP_NUM_THREADS, which FAISS's BLAS reads when it loads (Ray sets 1 by default)."""
     from fairseq_knnlm import NO_FAIRSEQ_ENV
     from fairseq_knnlm.index.sharded import KILL_SHARD_ENV
 
     env = {NO_FAIRSEQ_ENV: "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY",
                                                                   "PASSIVE")}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     if os.environ.get(KILL_SHARD_ENV):  # testing aid, passed on to the workers
         env[KILL_SHARD_ENV] = os.environ[KILL_SHARD_ENV]
     return {"env_vars": env}
@@ -94,7 +97,7 @@ def ray_runner(address: Optional[str] = None, cpus_per_task: float = 1.0):
 
         remote = ray.remote(add_shard).options(
             num_cpus=cpus_per_task, max_retries=TASK_RETRIES, retry_exceptions=False,
-            runtime_env=worker_env())
+            runtime_env=worker_env(int(tasks[0][6]) or None))
         refs = {remote.remote(*t): j for j, t in enumerate(tasks)}
         pending = list(refs)
         try:

@@ -45,6 +45,11 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 ACTOR_RESTARTS = 3  # restarts of a shard's actor (and retries of its request) before failing
+# FAISS threads per actor (default: this process's own FAISS threads). FAISS's IVFPQ distances
+# differ in the last bits with the thread count (its BLAS blocking), which reorders
+# near-equal neighbours: the same count as in this process gives the same answers bit for
+# bit; fewer (e.g. cores / actors per node) run faster on a loaded node.
+THREADS_ENV = "FAIRSEQ_KNNLM_RAY_THREADS"
 
 
 class ShardUnavailable(KNNLMError):
@@ -58,11 +63,8 @@ class ShardServer:
     def __init__(self, index_path: str, i: int, dstore_prefix: str, probe: int,
                  sim_func: str, keys_in_memory: bool = False, mmap: bool = False,
                  threads: int = 0) -> None:
-        import faiss
-
-        if threads > 0:
-            faiss.omp_set_num_threads(threads)
-        torch.set_num_threads(1)
+        self.threads = threads
+        self._threads()
         man = read_manifest(index_path)
         self.index = load_shard(man, i, probe, mmap)
         s = man.shards[i]
@@ -73,12 +75,23 @@ class ShardServer:
             rows = ds.keys[s.lo:s.hi]  # this shard's rows only
             self.keys = copy_to_memory(rows) if keys_in_memory else rows
 
+    def _threads(self) -> None:
+        """torch's gathers on one thread, then FAISS's threads (in that order: in a Ray worker
+        torch and FAISS may share one OpenMP runtime, where torch's setting would also be
+        FAISS's); set per call, as OpenMP's setting belongs to the calling thread."""
+        import faiss
+
+        torch.set_num_threads(1)
+        if self.threads > 0:
+            faiss.omp_set_num_threads(self.threads)
+
     def ready(self) -> int:
         return os.getpid()
 
     def search(self, queries: np.ndarray, k: int
                ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(distances, global ids, exact distances or None), each (n, k)."""
+        self._threads()
         q = np.ascontiguousarray(queries, dtype=np.float32)
         d, ids = self.index.search(q, k)
         if self.keys is None:
@@ -109,13 +122,14 @@ class RayShardedIndex:
                        [self.man.name(i) for i in range(len(self.needs))])
         n = len(self.man.shards)
         if threads is None:
-            cpus = ray.cluster_resources().get("CPU", 1)
-            threads = max(1, int(cpus // n))
+            import faiss
+
+            threads = int(os.environ.get(THREADS_ENV) or faiss.omp_get_max_threads())
         actor = ray.remote(ShardServer)
         self.actors = [
             actor.options(num_cpus=0, memory=max(1, need), max_restarts=max_restarts,
                           max_task_retries=max_restarts, scheduling_strategy="SPREAD",
-                          runtime_env=worker_env()).remote(
+                          runtime_env=worker_env(threads)).remote(
                 str(self.path), i, str(dstore_prefix), probe, sim_func, keys_in_memory,
                 mmap, threads)
             for i, need in enumerate(self.needs)]
