@@ -141,7 +141,15 @@ def main() -> None:
     out["in_process_call_ms_1_query"] = _call_ms(local, small, 30)
     out["in_process_call_ms_batch"] = _call_ms(local, q[:a.batch], 5)
     del local2
-    for n in (1, 2):
+    for n, exact in ((1, "actors"), (2, "actors"), (2, "driver")):
+        os.environ["FAIRSEQ_KNNLM_RAY_EXACT"] = exact
+        if exact == "driver":  # exact distances in this process, for the merged k only
+            r = KNNRetriever(a.dstore, work / f"ray{n}.index", engine="ray", **kw)
+            rate, ids = _retrieve_rate(r, q, a.batch)
+            assert all(np.array_equal(x, y) for x, y in zip(ids, ref2)), "driver exact differs"
+            out[f"ray_{n}_actors_exact_in_driver_tok_s"] = rate
+            r.index.close()
+            continue
         t0 = time.perf_counter()
         r = KNNRetriever(a.dstore, work / f"ray{n}.index", engine="ray", **kw)
         out[f"ray_{n}_actors_start_s"] = time.perf_counter() - t0
@@ -162,6 +170,8 @@ def main() -> None:
             out[f"ray_{n}_actors_call_ms_batch"] - out["in_process_call_ms_batch"])
         out[f"build_ray_{n}_tasks_vs_in_process"] = (out[f"build_ray_{n}_tasks_s"] /
                                                      out["build_in_process_s"])
+    out["ray_2_actors_exact_in_driver_vs_in_process"] = (
+        out["ray_2_actors_exact_in_driver_tok_s"] / out["in_process_tok_s"])
     for key, v in out.items():
         print(f"{key}: {v:.4g}" if isinstance(v, float) else f"{key}: {v}")
     if a.json:

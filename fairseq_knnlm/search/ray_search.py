@@ -50,6 +50,11 @@ ACTOR_RESTARTS = 3  # restarts of a shard's actor (and retries of its request) b
 # near-equal neighbours: the same count as in this process gives the same answers bit for
 # bit; fewer (e.g. cores / actors per node) run faster on a loaded node.
 THREADS_ENV = "FAIRSEQ_KNNLM_RAY_THREADS"
+# where the exact distances (--knn-sim-func l2/dot) are computed: "actors" (default: each
+# actor for its own top-k, next to its keys: S x k rows per query over S shards) or "driver"
+# (this process, for the merged k only, from its memmap of the keys: k rows per query, but
+# every key row read where the driver runs)
+EXACT_ENV = "FAIRSEQ_KNNLM_RAY_EXACT"
 
 
 class ShardUnavailable(KNNLMError):
@@ -107,7 +112,13 @@ class RayShardedIndex:
     def __init__(self, index_path: PathLike, dstore_prefix: PathLike, probe: int = 32,
                  sim_func: str = "l2", keys_in_memory: bool = False, mmap: bool = False,
                  address: Optional[str] = None, threads: Optional[int] = None,
-                 max_restarts: int = ACTOR_RESTARTS) -> None:
+                 max_restarts: int = ACTOR_RESTARTS, exact: Optional[str] = None) -> None:
+        exact = exact or os.environ.get(EXACT_ENV) or "actors"
+        if exact not in ("actors", "driver"):
+            raise KNNLMError(f"{EXACT_ENV} must be 'actors' or 'driver', got {exact!r}")
+        if exact == "driver" and sim_func in ("l2", "dot"):
+            sim_func, keys_in_memory = "faiss_l2", False  # actors hold no keys
+        self.exact = exact
         self.path = Path(index_path)
         self.man = read_manifest(index_path)
         for i in range(len(self.man.shards)):  # every shard present and matching, first

@@ -69,6 +69,17 @@ def test_ray_equals_single_process(ray_local, store, kind, shards):
         ray_r.index.close()
 
 
+def test_exact_distances_in_the_driver_are_the_same(ray_local, store, monkeypatch):
+    d, q = store
+    monkeypatch.setenv("FAIRSEQ_KNNLM_RAY_EXACT", "driver")
+    r = KNNRetriever(d / "ds", d / "ivf2.index", k=64, probe=4, engine="ray")
+    try:
+        assert r.index.exact == "driver"
+        same(KNNRetriever(d / "ds", d / "ivf2.index", k=64, probe=4).retrieve(q), r.retrieve(q))
+    finally:
+        r.index.close()
+
+
 def test_pointers_run_on_top_unchanged(ray_local, store):
     d, q = store
     tg = torch.arange(len(q)) % 30
