@@ -153,7 +153,7 @@ def check_engine_flags(engine: str, ray_address: Optional[str], torch_exact: boo
                  "drop --knn-gpu")
 
 
-def check_shards_flag(shards: Optional[int], engine: str, on_disk: bool, gpu: bool) -> None:
+def check_shards_flag(shards: Optional[int], engine: str, gpu: bool) -> None:
     """knnlm-build-index's --shards / --engine: a sharded build (one index per slice)."""
     check_engine_flags(engine, None, False, False, engine_flag="--engine")
     if shards is not None:

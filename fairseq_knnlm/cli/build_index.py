@@ -165,7 +165,7 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
         if args.on_disk and args.gpu:
             raise IndexBuildError("--on-disk builds on CPU: drop --gpu")
         check_engine_flags(args.engine, args.ray_address, False, False, engine_flag="--engine")
-        check_shards_flag(args.shards, args.engine, args.on_disk, args.gpu)
+        check_shards_flag(args.shards, args.engine, args.gpu)
         check_declared(read_meta(args.dstore_mmap), args, argv)
         if args.engine == "ray" or args.shards is not None:
             runner, threads = None, 0
