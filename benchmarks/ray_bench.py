@@ -49,13 +49,20 @@ def _queries(path: str, n: int) -> torch.Tensor:
 
 
 def _retrieve_rate(r: KNNRetriever, q: torch.Tensor, batch: int) -> tuple[float, list]:
-    """Tokens/s of r.retrieve over q in batches (one warm-up batch first), and the ids."""
+    """Tokens/s of r.retrieve over q in batches (one warm-up batch first), and what it
+    returned (ids, FAISS distances, exact distances) per batch."""
     r.retrieve(q[:batch])
-    ids = []
+    got = []
     t0 = time.perf_counter()
     for s in range(0, len(q), batch):
-        ids.append(r.retrieve(q[s:s + batch]).ids)
-    return len(q) / (time.perf_counter() - t0), ids
+        x = r.retrieve(q[s:s + batch])
+        got.append((x.ids, x.faiss_dists, x.dists.numpy()))
+    return len(q) / (time.perf_counter() - t0), got
+
+
+def _same(a: list, b: list) -> bool:
+    """Bit-equal ids, FAISS distances and exact distances, batch by batch."""
+    return all(np.array_equal(x, y) for pa, pb in zip(a, b) for x, y in zip(pa, pb))
 
 
 def _call_ms(r: KNNRetriever, q: torch.Tensor, reps: int) -> float:
@@ -141,13 +148,14 @@ def main() -> None:
     out["in_process_call_ms_1_query"] = _call_ms(local, small, 30)
     out["in_process_call_ms_batch"] = _call_ms(local, q[:a.batch], 5)
     del local2
-    for n, exact in ((1, "actors"), (2, "actors"), (2, "driver")):
+    for n, exact in ((1, "actors"), (2, "actors"), (2, "owners"), (2, "driver")):
         os.environ["FAIRSEQ_KNNLM_RAY_EXACT"] = exact
-        if exact == "driver":  # exact distances in this process, for the merged k only
+        if exact != "actors":  # exact distances for the merged k only: owners, or here
             r = KNNRetriever(a.dstore, work / f"ray{n}.index", engine="ray", **kw)
             rate, ids = _retrieve_rate(r, q, a.batch)
-            assert all(np.array_equal(x, y) for x, y in zip(ids, ref2)), "driver exact differs"
-            out[f"ray_{n}_actors_exact_in_driver_tok_s"] = rate
+            assert _same(ids, ref2), f"{exact} differs"
+            out[f"ray_{n}_actors_exact_{exact}_tok_s"] = rate
+            out[f"ray_{n}_actors_exact_{exact}_vs_in_process"] = rate / out["in_process_tok_s"]
             r.index.close()
             continue
         t0 = time.perf_counter()
@@ -155,7 +163,7 @@ def main() -> None:
         out[f"ray_{n}_actors_start_s"] = time.perf_counter() - t0
         rate, ids = _retrieve_rate(r, q, a.batch)
         want = ref if n == 1 else ref2
-        assert all(np.array_equal(x, y) for x, y in zip(ids, want)), f"{n} actors differ"
+        assert _same(ids, want), f"{n} actors differ"
         out[f"ray_{n}_actors_tok_s"] = rate
         out[f"ray_{n}_actors_call_ms_1_query"] = _call_ms(r, small, 30)
         out[f"ray_{n}_actors_call_ms_batch"] = _call_ms(r, q[:a.batch], 5)
@@ -170,8 +178,6 @@ def main() -> None:
             out[f"ray_{n}_actors_call_ms_batch"] - out["in_process_call_ms_batch"])
         out[f"build_ray_{n}_tasks_vs_in_process"] = (out[f"build_ray_{n}_tasks_s"] /
                                                      out["build_in_process_s"])
-    out["ray_2_actors_exact_in_driver_vs_in_process"] = (
-        out["ray_2_actors_exact_in_driver_tok_s"] / out["in_process_tok_s"])
     for key, v in out.items():
         print(f"{key}: {v:.4g}" if isinstance(v, float) else f"{key}: {v}")
     if a.json:

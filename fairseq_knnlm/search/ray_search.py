@@ -51,10 +51,12 @@ ACTOR_RESTARTS = 3  # restarts of a shard's actor (and retries of its request) b
 # bit; fewer (e.g. cores / actors per node) run faster on a loaded node.
 THREADS_ENV = "FAIRSEQ_KNNLM_RAY_THREADS"
 # where the exact distances (--knn-sim-func l2/dot) are computed: "actors" (default: each
-# actor for its own top-k, next to its keys: S x k rows per query over S shards) or "driver"
-# (this process, for the merged k only, from its memmap of the keys: k rows per query, but
-# every key row read where the driver runs)
+# actor for its own top-k, next to its keys, in the same round trip: S x k rows per query over
+# S shards), "owners" (a second round trip: each actor for the merged ids it holds, k rows
+# per query in all) or "driver" (this process, for the merged k, from its memmap of the keys:
+# k rows per query, every one read where the driver runs). All give the same answers.
 EXACT_ENV = "FAIRSEQ_KNNLM_RAY_EXACT"
+EXACT_MODES = ("actors", "owners", "driver")
 
 
 class ShardUnavailable(KNNLMError):
@@ -93,17 +95,30 @@ class ShardServer:
     def ready(self) -> int:
         return os.getpid()
 
-    def search(self, queries: np.ndarray, k: int
+    def search(self, queries: np.ndarray, k: int, exact: bool = True
                ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """(distances, global ids, exact distances or None), each (n, k)."""
         self._threads()
         q = np.ascontiguousarray(queries, dtype=np.float32)
         d, ids = self.index.search(q, k)
-        if self.keys is None:
+        if self.keys is None or not exact:
             return d, ids, None
         local = np.where(ids >= 0, ids - self.lo, -1)
         ex = recompute_distances(torch.from_numpy(np.array(q)), local, self.keys, self.sim_func)
         return d, ids, ex.numpy()
+
+    def exact(self, queries: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """Exact distances (n, k) of the global ``ids`` this shard holds (+inf elsewhere):
+        only those rows are read."""
+        self._threads()
+        own = (ids >= self.lo) & (ids < self.hi)
+        out = np.full(ids.shape, np.inf, dtype=np.float32)
+        rows, cols = np.nonzero(own)
+        if len(rows):
+            q = torch.from_numpy(np.ascontiguousarray(queries[rows], dtype=np.float32))
+            local = (ids[rows, cols] - self.lo)[:, None]
+            out[rows, cols] = recompute_distances(q, local, self.keys, self.sim_func)[:, 0]
+        return out
 
 
 class RayShardedIndex:
@@ -114,11 +129,12 @@ class RayShardedIndex:
                  address: Optional[str] = None, threads: Optional[int] = None,
                  max_restarts: int = ACTOR_RESTARTS, exact: Optional[str] = None) -> None:
         exact = exact or os.environ.get(EXACT_ENV) or "actors"
-        if exact not in ("actors", "driver"):
-            raise KNNLMError(f"{EXACT_ENV} must be 'actors' or 'driver', got {exact!r}")
+        if exact not in EXACT_MODES:
+            raise KNNLMError(f"{EXACT_ENV} must be one of {', '.join(EXACT_MODES)}, got "
+                             f"{exact!r}")
         if exact == "driver" and sim_func in ("l2", "dot"):
             sim_func, keys_in_memory = "faiss_l2", False  # actors hold no keys
-        self.exact = exact
+        self.exact, self.sim_func = exact, sim_func
         self.path = Path(index_path)
         self.man = read_manifest(index_path)
         for i in range(len(self.man.shards)):  # every shard present and matching, first
@@ -173,10 +189,18 @@ class RayShardedIndex:
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         t0 = time.perf_counter()
         q = self.ray.put(np.ascontiguousarray(queries, dtype=np.float32))
-        res = self._gather([a.search.remote(q, k) for a in self.actors])
+        owners = self.exact == "owners" and self.sim_func in ("l2", "dot")
+        res = self._gather([a.search.remote(q, k, not owners) for a in self.actors])
         extra = [r[2] for r in res]
         d, ids, ex = merge_topk([r[0] for r in res], [r[1] for r in res], k,
                                 None if any(e is None for e in extra) else extra)
+        if owners:  # the merged ids' exact distances, each from the shard that holds it
+            ids_ref = self.ray.put(ids)
+            parts = self._gather([a.exact.remote(q, ids_ref) for a in self.actors])
+            ex = np.full(ids.shape, np.inf, dtype=np.float32)
+            for s, part in zip(self.man.shards, parts):
+                own = (ids >= s.lo) & (ids < s.hi)
+                ex[own] = part[own]
         self._last = (ids, ex)
         self.timing["calls"] += 1
         self.timing["seconds"] += time.perf_counter() - t0

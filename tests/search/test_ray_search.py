@@ -69,13 +69,15 @@ def test_ray_equals_single_process(ray_local, store, kind, shards):
         ray_r.index.close()
 
 
-def test_exact_distances_in_the_driver_are_the_same(ray_local, store, monkeypatch):
+@pytest.mark.parametrize("mode", ["owners", "driver"])
+def test_exact_distances_elsewhere_are_the_same(ray_local, store, monkeypatch, mode):
+    """Exact distances asked of the shards owning the merged ids, or computed here."""
     d, q = store
-    monkeypatch.setenv("FAIRSEQ_KNNLM_RAY_EXACT", "driver")
-    r = KNNRetriever(d / "ds", d / "ivf2.index", k=64, probe=4, engine="ray")
+    monkeypatch.setenv("FAIRSEQ_KNNLM_RAY_EXACT", mode)
+    r = KNNRetriever(d / "ds", d / "ivf3.index", k=64, probe=4, engine="ray")
     try:
-        assert r.index.exact == "driver"
-        same(KNNRetriever(d / "ds", d / "ivf2.index", k=64, probe=4).retrieve(q), r.retrieve(q))
+        assert r.index.exact == mode
+        same(KNNRetriever(d / "ds", d / "ivf3.index", k=64, probe=4).retrieve(q), r.retrieve(q))
     finally:
         r.index.close()
 
