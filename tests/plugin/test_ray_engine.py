@@ -25,9 +25,30 @@ def _knn(dstore, index, *extra):
             "--knn-temp", "5", *extra)
 
 
-@pytest.mark.parametrize("extra", [(), ("--knn-pointers", "--knn-min-pointers", "4")],
-                         ids=["search", "pointers"])
-def test_ray_perplexity_equals_single_process(ray_local, tiny, dstore, flat3, extra):
+@pytest.fixture(scope="module")
+def adaptive(tiny, dstore, tmp_path_factory):
+    """Cluster files (knnlm-clusters) and a lambda model fitted on a saved valid pass."""
+    from fairseq_knnlm.cli.clusters import cli_main as clusters_main
+    from fairseq_knnlm.cli.fit_lambda import cli_main as fit_main
+
+    d = tmp_path_factory.mktemp("ray_adaptive")
+    assert clusters_main([str(dstore), str(d / "c40"), "--num-clusters", "40", "--niter",
+                          "5"]) == 0
+    eval_lm_inprocess(eval_args(tiny, "valid", *_knn(dstore, f"{dstore}.flat",
+                                                     "--knn-save-neighbors", str(d / "nb"))))
+    assert fit_main([str(d / "nb"), "--out", str(d / "lam.npz"), "--kind", "mlp", "--temp",
+                     "5", "--steps", "30", "--force"]) == 0
+    return d
+
+
+@pytest.mark.parametrize("case", ["search", "pointers+clusters", "lambda-model"])
+def test_ray_perplexity_equals_single_process(ray_local, tiny, dstore, flat3, adaptive, case):
+    """Ray = IndexShards in this process = the unsharded flat index; pointers, clusters and
+    lambda models run on top unchanged."""
+    extra = {"search": (),
+             "pointers+clusters": ("--knn-pointers", "--knn-min-pointers", "4",
+                                   "--knn-clusters", str(adaptive / "c40")),
+             "lambda-model": ("--knn-lambda-model", str(adaptive / "lam.npz"))}[case]
     flat = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, f"{dstore}.flat", *extra)))
     local = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, flat3, *extra)))
     ray = eval_lm_inprocess(eval_args(tiny, "test", *_knn(dstore, flat3, "--knn-engine", "ray",
