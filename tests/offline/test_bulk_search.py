@@ -61,6 +61,11 @@ def test_bulk_search_reproduces_the_saved_pass(request, tiny, dstore, saved, tmp
         assert np.array_equal(np.asarray(a.arrays[name][:]), np.asarray(b.arrays[name][:])), name
     assert "lm_logp_nbrs" not in b.arrays
     assert _sweep(prefix, tmp_path, "a") == _sweep(out, tmp_path, "b")
+    if engine == "local":  # knnlm-fit-lambda reads it too (without the agreement features)
+        from fairseq_knnlm.cli.fit_lambda import cli_main as fit_main
+
+        assert fit_main([str(out), "--out", str(tmp_path / "lam.npz"), "--kind", "mlp",
+                         "--temp", "5", "--steps", "20", "--force"]) == 0
 
 
 def test_bulk_search_needs_saved_queries(tiny, dstore, tmp_path):
