@@ -1,5 +1,5 @@
 """knnlm-search: search the queries of a saved pass again, in bulk, and write a neighbour file
-set that knnlm-sweep, knnlm-fit-lambda and knnlm-explain read (offline/bulk_search.py).
+set that knnlm-sweep and knnlm-fit-lambda read (offline/bulk_search.py).
 
     # the LM pass (GPU) saves its queries once (every token searched, queries saved):
     fairseq-eval-lm ... --knnlm --k 1024 --knn-pointers --knn-min-pointers 1025 \\

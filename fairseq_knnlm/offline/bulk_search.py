@@ -1,7 +1,8 @@
 """Bulk search of saved queries (``knnlm-search``): the queries of a saved pass (a neighbour
 file set with PREFIX_queries.npy) searched again, in batches, against an index (in this
 process, or sharded on Ray with engine "ray"), written as a new neighbour file set that
-knnlm-sweep, knnlm-fit-lambda and knnlm-explain read as if eval-lm had saved it.
+knnlm-sweep and knnlm-fit-lambda read as if eval-lm had saved it (knnlm-explain reads
+no neighbour files: it runs the scorer with eval-lm's flags, --knn-engine ray included).
 
 So the LM pass (GPU) and the search (a CPU cluster) run apart: the pass saves its queries and
 LM numbers once; the search runs where the shards are, as often as the index changes.
