@@ -23,6 +23,7 @@ from fairseq_knnlm.errors import KNNLMError
 logger = logging.getLogger(__name__)
 
 TASK_RETRIES = 3  # attempts after the first for a shard task whose worker dies
+CANCEL_WAIT_S = 30.0  # how long a stopped build waits for its cancelled tasks to end
 
 
 class RayUnavailable(KNNLMError):
@@ -115,8 +116,10 @@ def ray_runner(address: Optional[str] = None, cpus_per_task: float = 1.0):
                         raise KNNLMError(f"shard {i} of {n} ({tasks[j][4]}) failed on Ray "
                                          f"after {TASK_RETRIES} retries: "
                                          f"{str(cause).splitlines()[0]}") from e
-        finally:
+        finally:  # stopped early (an error, Ctrl-C): no task goes on writing after it
             for r in pending:
                 ray.cancel(r, force=True)
+            if pending:
+                ray.wait(pending, num_returns=len(pending), timeout=CANCEL_WAIT_S)
 
     return run
