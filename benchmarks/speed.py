@@ -6,8 +6,8 @@ with the same index, medians of round-robin repeats in one run, and the Pareto p
         --subset test --lmbda 0.3 --temp 5 --repeats 3
 
 Needs examples/wikitext2 steps 1-5 (QUICK=1 or not). Builds into OUT what is missing: the
-fast-scan index, the clusters, and two lambda models fitted on a valid pass saved with
---knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
+fast-scan and IVF-RaBitQ indexes, the clusters, and two lambda models fitted on a valid pass
+saved with --knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
 --knn-min-pointers 1 with --knn-stream-len STREAM). Every kNN row keeps the keys in RAM
 (--move-dstore-to-mem), so that the page cache does not decide the exact distances' cost.
 
@@ -36,7 +36,8 @@ def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
             knn: Any) -> dict[str, Path]:
     """The fast-scan index, the clusters and the lambda models (built once into OUT)."""
     dstore = run / "dstore" / "train"
-    got = {"fastscan": out / "train.fs.index", "clusters": out / f"clusters_c{a.num_clusters}",
+    got = {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
+           "clusters": out / f"clusters_c{a.num_clusters}",
            "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
     if not Path(f"{got['fastscan']}.meta.json").exists():
         print("building the fast-scan index", flush=True)
@@ -44,6 +45,12 @@ def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
             str(got["fastscan"]), "--index-type", "ivfpq-fastscan", "--ncentroids",
             str(a.ncentroids), "--code-size", "64", "--train-size", "1000000", "--probe",
             str(a.probe), "--seed", "1"])
+    if not Path(f"{got['rabitq']}.meta.json").exists():
+        print("building the IVF-RaBitQ index", flush=True)
+        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
+            str(got["rabitq"]), "--index-type", "ivf-rabitq", "--ncentroids",
+            str(a.ncentroids), "--train-size", "1000000", "--probe", str(a.probe), "--seed",
+            "1"])
     if not Path(f"{got['clusters']}_meta.json").exists():
         print("building the clusters", flush=True)
         sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore),
@@ -100,7 +107,7 @@ def main() -> None:
                 *extra]
 
     got = prepare(a, run, out, base, lambda index, *extra: knn(index, *extra))
-    indexes["fastscan"] = got["fastscan"]
+    indexes["fastscan"], indexes["rabitq"] = got["fastscan"], got["rabitq"]
     s = str(a.stream_len)
     ptr = ["--knn-pointers", "--knn-min-pointers"]
     cl = ["--knn-clusters", str(got["clusters"])]
@@ -126,10 +133,16 @@ def main() -> None:
     rows["fastscan: full search, probe 8"] = ("fastscan", knn("fastscan", probe=8))
     rows[f"fastscan: clusters 512, stream {s}, probe 8"] = (
         "fastscan", knn("fastscan", *ptr, "512", *cl, "--knn-stream-len", s, probe=8))
+    rows["fastscan: full search, FAISS distances"] = (
+        "fastscan", knn("fastscan", "--knn-sim-func", "faiss_l2"))
+    rows["rabitq: full search"] = ("rabitq", knn("rabitq"))
+    rows[f"rabitq: pointers 64, stream {s}"] = ("rabitq", knn("rabitq", *ptr, "64",
+                                                               "--knn-stream-len", s))
     if a.only:
         keep = a.only.split(",")
         rows = {n: r for n, r in rows.items() if n in ("eval-lm (stock, no plugin)",
-                "plugin, no kNN", "ivfpq: full search", "fastscan: full search")
+                "plugin, no kNN", "ivfpq: full search", "fastscan: full search",
+                "rabitq: full search")
                 or any(x in n for x in keep)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     for rep in range(a.repeats):
@@ -141,7 +154,7 @@ def main() -> None:
                    "commands": {n: " ".join(["fairseq-eval-lm", *base, *r[1]])
                                 for n, r in rows.items()}})
     (out / "speed.json").write_text(json.dumps(result, indent=1))
-    md = table(result)
+    md = table(result) + "\n" + profile_table(result)
     (out / "speed.md").write_text(md)
     print(md)
     plot(result, out / "speed.png", a.label)
@@ -188,6 +201,27 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_table(result: dict[str, Any]) -> str:
+    """Where each row's time goes, in µs per token: the LM and fairseq (the plugin's pass
+    without kNN), each stage the retriever and the pointer stepping time themselves (the last
+    repeat), and the rest (the row's median time less both). Bookkeeping is the pointer and
+    cluster stepping outside FAISS and the distances: expansion, policy, next pointers."""
+    names = sorted({k for r in result["rows"] for k in (r.get("stages") or {})})
+    lines = ["| run | LM + fairseq | " + " | ".join(n.replace("_", " ") for n in names)
+             + " | rest | total |", "|---" * (len(names) + 4) + "|"]
+    for r in result["rows"]:
+        if not r["index"] or not r.get("stages"):
+            continue
+        tok = r["tokens_per_s"] * r["seconds"]
+        lm = 1e6 * result["plugin_no_knn_s"] / tok
+        st = {n: 1e6 * r["stages"].get(n, 0.0) / tok for n in names}
+        rest = 1e6 * r["seconds"] / tok - lm - sum(st.values())
+        lines.append(f"| {r['row']} | {lm:.0f} | " + " | ".join(
+            f"{st[n]:.1f}" if n in r["stages"] else "-" for n in names)
+            + f" | {rest:.0f} | {1e6 * r['seconds'] / tok:.0f} |")
+    return "µs per token:\n\n" + "\n".join(lines) + "\n"
+
+
 def plot(result: dict[str, Any], path: Path, label: str) -> None:
     import matplotlib
 
@@ -197,7 +231,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
 
     pts = [(r["vs_stock"], r["ppl"], r["row"]) for r in result["rows"] if r["index"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange"}
+    colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange", "rabitq": "tab:green"}
     for r in result["rows"]:
         if r["index"]:
             ax.scatter(r["vs_stock"], r["ppl"], color=colors.get(r["index"], "gray"), s=18)
