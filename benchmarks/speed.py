@@ -29,7 +29,16 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pointer_curve import BIN, REPO, parse_run, sh  # noqa: E402
+from pointer_curve import (  # noqa: E402
+    BIN,
+    REPO,
+    add_run_args,
+    build_once,
+    clusters_once,
+    finish_plot,
+    parse_run,
+    sh,
+)
 
 
 def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
@@ -39,22 +48,9 @@ def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
     got = {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
            "clusters": out / f"clusters_c{a.num_clusters}",
            "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
-    if not Path(f"{got['fastscan']}.meta.json").exists():
-        print("building the fast-scan index", flush=True)
-        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
-            str(got["fastscan"]), "--index-type", "ivfpq-fastscan", "--ncentroids",
-            str(a.ncentroids), "--code-size", "64", "--train-size", "1000000", "--probe",
-            str(a.probe), "--seed", "1"])
-    if not Path(f"{got['rabitq']}.meta.json").exists():
-        print("building the IVF-RaBitQ index", flush=True)
-        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
-            str(got["rabitq"]), "--index-type", "ivf-rabitq", "--ncentroids",
-            str(a.ncentroids), "--train-size", "1000000", "--probe", str(a.probe), "--seed",
-            "1"])
-    if not Path(f"{got['clusters']}_meta.json").exists():
-        print("building the clusters", flush=True)
-        sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore),
-            str(got["clusters"]), "--num-clusters", str(a.num_clusters)])
+    build_once(dstore, got["fastscan"], "ivfpq-fastscan", a)
+    build_once(dstore, got["rabitq"], "ivf-rabitq", a)
+    clusters_once(dstore, got["clusters"], a.num_clusters)
     for name, extra, fit in (
             ("lam_mlp", [], []),
             ("lam_ptr1", ["--knn-stream-len", str(a.stream_len)], ["--min-pointers", "1"])):
@@ -73,21 +69,11 @@ def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--out-dir", type=Path, required=True)
-    ap.add_argument("--subset", default="test")
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--probe", type=int, default=32)
-    ap.add_argument("--lmbda", type=float, default=0.3)
-    ap.add_argument("--temp", type=float, default=5.0)
-    ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
-    ap.add_argument("--num-clusters", type=int, default=2000)
+    add_run_args(ap, subset="test", lmbda=0.3, temp=5.0, repeats=3)
     ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
                     "that use it")
     ap.add_argument("--skip-below", type=float, default=0.05)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma list of row-name substrings to time")
-    ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")
     a = ap.parse_args()
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -247,11 +233,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{label}: speed against perplexity", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path)
 
 
 if __name__ == "__main__":
