@@ -15,6 +15,7 @@ from typing import Any, Union
 import numpy as np
 
 from fairseq_knnlm.index.kinds import (  # noqa: F401  (set_probe: re-exported)
+    CPU_ONLY_TYPES,
     IndexBuildError,
     _faiss,
     _to_gpu,
@@ -79,8 +80,9 @@ def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
                                   "index to the GPU(s); search it on CPU or with "
                                   "--knn-engine ray")
         return load_sharded_local(index_path, probe=probe, mmap=mmap)
-    if gpu and rec.get("settings", {}).get("index_type") == "ivfpq-fastscan":
-        raise IndexBuildError(f"{index_path} is an ivfpq-fastscan index, which FAISS cannot "
+    kind = rec.get("settings", {}).get("index_type")
+    if gpu and kind in CPU_ONLY_TYPES:
+        raise IndexBuildError(f"{index_path} is an {kind} index, which FAISS cannot "
                               "move to a GPU: drop --knn-gpu or build an ivfpq index")
     if on_disk:
         # the lists are memory-mapped from INDEX.ivfdata already (IO_FLAG_MMAP would crash
