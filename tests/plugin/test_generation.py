@@ -99,6 +99,24 @@ def test_forced_continuation_equals_the_scorer(tiny, dstore, extra):
         assert m.knn_generation.knn.mode_counts["pointers"] > 0
 
 
+def test_beam_search_hypotheses_score_as_forced(tiny, dstore):
+    """Beam search reorders its hypotheses every step: the cache's history and the pointers
+    follow them, so each final hypothesis' scores are those of its tokens forced one by one
+    (and, for the first, eval-lm's)."""
+    m = load(tiny, dstore, knn_cache=True, cache_lmbda=0.3, knn_pointers=True,
+             knn_min_pointers=2)
+    hypos = m.generate(m.encode(PROMPT), beam=3, max_len_b=14)
+    assert len(hypos) == 3
+    for h in hypos:
+        toks = h["tokens"]
+        forced = m.generate(toks[:-1], beam=1, max_len_b=len(toks) - 1)[0]
+        assert torch.equal(forced["tokens"], toks)
+        assert torch.allclose(forced["positional_scores"], h["positional_scores"], atol=1e-4)
+    text = m.decode(hypos[0]["tokens"])
+    assert torch.allclose(m.score([text])[0].positional_scores, hypos[0]["positional_scores"],
+                          atol=1e-4)
+
+
 def test_lambda_zero_is_stock_generation(tiny, dstore):
     """lambda 0: fairseq's own generation, token for token (greedy, beam, sampling)."""
     from fairseq.models.transformer_lm import TransformerLanguageModel
