@@ -134,7 +134,6 @@ class KNNGeneration:
         self.t = t
         self.model = model
         self.vocab = len(dictionary)
-        self.pad = dictionary.pad()
         keytype = canonical_keytype(t.knn_keytype)
         self.knn = KNNScorer(t) if t.knnlm else None
         self.cache = CacheScorer(t) if t.knn_cache else None
@@ -164,7 +163,7 @@ class KNNGeneration:
         self.steps = 0
         self.searched = 0
         self.seconds = 0.0
-        self._reset(0)
+        self._reset()
         self._pending: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         decoder = model.decoder
         self._orig_normalized = model.get_normalized_probs
@@ -187,7 +186,7 @@ class KNNGeneration:
                     "tokens of the vocabulary", " + ".join(what), self.vocab)
 
     # ---- per-generation state ----
-    def _reset(self, rows: int) -> None:
+    def _reset(self) -> None:
         self.hist: Optional[torch.Tensor] = None  # (rows, s, C) keys of earlier positions
         self.ptr_ids: Optional[np.ndarray] = None  # (rows, k) last step's neighbours
         self.ptr_vals: Optional[np.ndarray] = None
@@ -203,8 +202,7 @@ class KNNGeneration:
     def _forward(self, prev_output_tokens: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         out = self._orig_forward(prev_output_tokens, *args, **kwargs)
         inc = kwargs.get("incremental_state", args[1] if len(args) > 1 else None)
-        feats = self.capture._value
-        self.capture._value = None
+        feats = self.capture.take()  # (T, B, C) of this forward pass, or None
         self._pending = None
         if inc is not None and feats is not None and not kwargs.get("features_only", False):
             self._pending = (prev_output_tokens, feats[-1].detach())  # (B, C): last position
@@ -247,7 +245,7 @@ class KNNGeneration:
             if s != 1:
                 logger.warning("generation state out of step (%d rows, %d tokens): restarted "
                                "the cache and the pointers", n, s)
-            self._reset(n)
+            self._reset()
             self.hist = q.new_zeros((n, 0, q.shape[1]))
         self.steps += 1
         qf = q.float()

@@ -99,6 +99,49 @@ def test_forced_continuation_equals_the_scorer(tiny, dstore, extra):
         assert m.knn_generation.knn.mode_counts["pointers"] > 0
 
 
+def _lambda_model(tiny, path, mix: bool, gate: bool) -> str:
+    """A random MLP lambda model over every feature (the agreement ones too), optionally
+    shared out over three temperatures (MixHead) and with a gate over the PRE features."""
+    from fairseq.data import Dictionary
+
+    from fairseq_knnlm.adaptive.lambda_features import FEATURES, PRE_FEATURES
+    from fairseq_knnlm.adaptive.lambda_file import save_model
+    from fairseq_knnlm.adaptive.lambda_model import LambdaModel, MixHead, MLPHead
+
+    def mlp(features, seed, out=1):
+        rng = np.random.default_rng(seed)
+        dims = [len(features), 6, out]
+        ws = [rng.standard_normal((dims[i + 1], dims[i])).astype(np.float32) for i in range(2)]
+        bs = [rng.standard_normal(dims[i + 1]).astype(np.float32) for i in range(2)]
+        return MLPHead(tuple(features), rng.standard_normal(len(features)).astype(np.float32),
+                       rng.uniform(0.5, 2, len(features)).astype(np.float32), ws, bs)
+
+    head = mlp(FEATURES, 3, out=4 if mix else 1)
+    if mix:
+        head = MixHead(head.features, head.mean, head.std, head.weights, head.biases)
+    vocab = len(Dictionary.load(str(tiny["data"] / "dict.txt")))
+    m = LambdaModel(kind="mlp", head=head, gate=mlp(PRE_FEATURES, 5) if gate else None, k=K,
+                    temperature=TEMP, dist="l2",
+                    freq=np.log1p(np.arange(vocab, dtype=np.float32)),
+                    temps=(0.5, TEMP, 8.0) if mix else ())
+    save_model(path, m)
+    return str(path)
+
+
+@pytest.mark.parametrize("mix,skip", [(False, 0.0), (True, 0.0), (False, 0.4)],
+                         ids=["mlp", "mix", "gate"])
+def test_lambda_model_steps_score_as_eval_lm(tiny, dstore, tmp_path, mix, skip):
+    """A fitted lambda model per step (its features from the step's own p_LM and neighbours,
+    a MixHead's temperatures, the gate's skipped searches): a forced continuation scores as
+    eval-lm scores it with the same --knn-lambda-model."""
+    path = _lambda_model(tiny, tmp_path / "lam.npz", mix, gate=skip > 0)
+    m = load(tiny, dstore, knn_lambda_model=path, knn_skip_below=skip or None)
+    forced = _forced(m, TEXT)
+    assert torch.allclose(forced, m.score([TEXT])[0].positional_scores, atol=1e-4)
+    if skip:
+        assert m.knn_generation.searched < m.knn_generation.steps  # the gate skipped some
+
+
 def test_beam_search_hypotheses_score_as_forced(tiny, dstore):
     """Beam search reorders its hypotheses every step: the cache's history and the pointers
     follow them, so each final hypothesis' scores are those of its tokens forced one by one
