@@ -70,6 +70,9 @@ def get_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--batch", type=int, default=50, help="prompts decoded together")
     p.add_argument("--speed-prompts", type=int, default=5)
+    p.add_argument("--hub-prompts", type=int, default=5,
+                   help="prompts without a line break generated one at a time through "
+                        "KNNLM.generate (fairseq's SequenceGenerator, greedy) for tokens/s")
     p.add_argument("--samples", type=int, default=3, help="side-by-side samples kept")
     p.add_argument("--threads", type=int, default=1,
                    help="torch and FAISS threads (1: on a machine shared with other jobs, "
@@ -81,8 +84,8 @@ def get_parser() -> argparse.ArgumentParser:
 
 @torch.no_grad()
 def decode(lm: Any, prompts: torch.Tensor, gen_len: int, mode: str, knn: bool,
-           targets: Optional[torch.Tensor] = None, top_p: float = 0.9, seed: int = 1
-           ) -> dict[str, Any]:
+           targets: Optional[torch.Tensor] = None, top_p: float = 0.9, seed: int = 1,
+           ban_eos: bool = False) -> dict[str, Any]:
     """One pass over a batch of prompts (B, P): 'greedy', 'topp' or 'forced' (the
     ``targets`` (B, G) fed token by token). Returns the continuation (B, G), the seconds,
     and for 'forced' the log-probs of the targets under the base LM and the kNN-LM."""
@@ -114,6 +117,8 @@ def decode(lm: Any, prompts: torch.Tensor, gen_len: int, mode: str, knn: bool,
         else:
             lp = lp.float().clone()
             lp[:, d.pad()] = float("-inf")  # as SequenceGenerator
+            if ban_eos:  # as SequenceGenerator before --min-len
+                lp[:, d.eos()] = float("-inf")
             if mode == "greedy":
                 nxt = lp.argmax(dim=1)
             else:
@@ -151,6 +156,38 @@ def run_batches(lm: Any, P: torch.Tensor, T: torch.Tensor, batch: int, **kw: Any
     if "lm_logp" in parts[0]:
         out["lm_logp"] = torch.cat([p["lm_logp"] for p in parts])
         out["knn_logp"] = torch.cat([p["knn_logp"] for p in parts])
+    return out
+
+
+def hub_speed(lm: Any, stream: np.ndarray, n: int, plen: int, glen: int) -> dict[str, Any]:
+    """Generated tokens/s of ``KNNLM.generate`` (fairseq's SequenceGenerator, greedy, one
+    prompt at a time, exactly ``glen`` new tokens: min_len = max_len) on the first ``n``
+    windows whose prompt holds no eos (the generator cannot take one), base LM and kNN-LM,
+    and whether both continuations equal this script's own greedy loop's (eos banned in
+    both, as min_len does)."""
+    eos = lm.dictionary.eos()
+    starts, s = [], 0
+    while len(starts) < n and s + plen + glen <= len(stream):
+        if not (stream[s:s + plen] == eos).any():
+            starts.append(s)
+            s += plen + glen
+        else:
+            s += 1 + int(np.nonzero(stream[s:s + plen] == eos)[0][-1])
+    if not starts:
+        return {"prompts": 0}
+    out: dict[str, Any] = {"prompts": len(starts)}
+    for knn in (False, True):
+        secs, same = 0.0, True
+        for st in starts:
+            prompt = torch.from_numpy(stream[st:st + plen].astype(np.int64))
+            t0 = time.perf_counter()
+            h = lm.generate(prompt, beam=1, knn=knn, score_prompt=False,
+                            max_len_b=plen + glen, min_len=plen + glen)[0]
+            secs += time.perf_counter() - t0
+            mine = decode(lm, prompt[None], glen, "greedy", knn, ban_eos=True)["tokens"][0]
+            same &= bool(torch.equal(h["tokens"][plen:plen + glen], mine))
+        out["knnlm" if knn else "base"] = len(starts) * glen / secs
+        out["same_as_loop_" + ("knnlm" if knn else "base")] = same
     return out
 
 
@@ -214,6 +251,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         r = run_batches(lm, P[:n1], T[:n1], 1, mode="greedy", knn=knn)
         speed["knnlm" if knn else "base"] = n1 * a.gen_len / r["seconds"]
     logger.info("batch-1 greedy tokens/s: %s", speed)
+    hub = hub_speed(lm, stream, a.hub_prompts, a.prompt_len, a.gen_len)
+    logger.info("SequenceGenerator, batch 1, greedy: %s", hub)
     d = lm.dictionary
 
     def text(ids: np.ndarray) -> str:
@@ -226,7 +265,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                            for (m, k), g in gens.items()}})
     res = {"label": a.label, "args": vars(a), "n_prompts": len(P), "disjoint": disjoint,
            "eval_tokens": int(len(stream)), "true_continuation_ppl": ppl, "rows": rows,
-           "true_row": true_row, "batch1_greedy_tokens_per_s": speed, "samples": samples}
+           "true_row": true_row, "batch1_greedy_tokens_per_s": speed, "hub_greedy": hub,
+           "samples": samples}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(res, indent=1))
@@ -258,6 +298,14 @@ def markdown(res: dict[str, Any]) -> str:
               f"batch, the {a['prompt_len']} prompt steps included; one prompt at a time "
               f"(greedy, {a['speed_prompts']} prompts): base LM {s['base']:.1f}, kNN-LM "
               f"{s['knnlm']:.1f} tokens/s."]
+    h = res.get("hub_greedy") or {}
+    if h.get("prompts"):
+        same = h["same_as_loop_base"] and h["same_as_loop_knnlm"]
+        lines += ["", f"fairseq's SequenceGenerator (`KNNLM.generate`, greedy, one prompt at a "
+                  f"time, {h['prompts']} prompts without a line break): base LM "
+                  f"{h['base']:.1f}, kNN-LM {h['knnlm']:.1f} tokens/s; its continuations "
+                  f"{'equal' if same else 'DIFFER from'} this script's greedy loop's (eos banned "
+                  "in both)."]
     return "\n".join(lines) + "\n"
 
 
