@@ -61,23 +61,60 @@ def parse_run(log: str) -> dict[str, Any]:
     return out
 
 
+def build_once(dstore: Path, index: Path, kind: str, a: argparse.Namespace) -> None:
+    """Build a --ncentroids index of the kind (64-byte codes where they apply) unless it
+    exists."""
+    if Path(f"{index}.meta.json").exists():
+        return
+    print(f"building the {kind} index", flush=True)
+    code = ["--code-size", "64"] if kind != "ivf-rabitq" else []
+    sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
+        str(index), "--index-type", kind, "--ncentroids", str(a.ncentroids), *code,
+        "--train-size", "1000000", "--probe", str(a.probe), "--seed", "1"])
+
+
+def clusters_once(dstore: Path, prefix: Path, num_clusters: int) -> None:
+    """knnlm-clusters into prefix unless they exist."""
+    if not Path(f"{prefix}_meta.json").exists():
+        print("building the clusters", flush=True)
+        sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore), str(prefix),
+            "--num-clusters", str(num_clusters)])
+
+
+def finish_plot(fig: Any, ax: Any, path: Path) -> None:
+    """Grid, legend, layout; write the figure and close it."""
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def add_run_args(ap: argparse.ArgumentParser, subset: str, lmbda: float, temp: float,
+                 repeats: int) -> None:
+    """The arguments this benchmark and speed.py share (a QUICK or full WikiText-2 run)."""
+    ap.add_argument("--run-dir", type=Path, required=True)
+    ap.add_argument("--out-dir", type=Path, required=True)
+    ap.add_argument("--subset", default=subset)
+    ap.add_argument("--k", type=int, default=1024)
+    ap.add_argument("--probe", type=int, default=32)
+    ap.add_argument("--lmbda", type=float, default=lmbda)
+    ap.add_argument("--temp", type=float, default=temp)
+    ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
+    ap.add_argument("--num-clusters", type=int, default=2000)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--out-dir", type=Path, required=True)
-    ap.add_argument("--subset", default="valid")
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--probe", type=int, default=32)
-    ap.add_argument("--lmbda", type=float, default=0.25)
-    ap.add_argument("--temp", type=float, default=1.0)
-    ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
-    ap.add_argument("--num-clusters", type=int, default=2000)
+    add_run_args(ap, subset="valid", lmbda=0.25, temp=1.0, repeats=2)
     ap.add_argument("--thresholds", default="1,2,4,8,16,32,64,128,256,512,1024")
     ap.add_argument("--online", default="pointers:64,clusters:256,clusters:512",
                     help="comma list of VARIANT:THRESHOLD timed online (pointers|clusters)")
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")
     a = ap.parse_args()
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -85,16 +122,8 @@ def main() -> None:
     indexes = {"ivfpq": run / "dstore" / "train.index", "fastscan": out / "train.fs.index"}
     clusters = out / f"clusters_c{a.num_clusters}"
     t0 = time.time()
-    if not Path(f"{indexes['fastscan']}.meta.json").exists():
-        print("building the fast-scan index", flush=True)
-        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
-            str(indexes["fastscan"]), "--index-type", "ivfpq-fastscan", "--ncentroids",
-            str(a.ncentroids), "--code-size", "64", "--train-size", "1000000", "--probe",
-            str(a.probe), "--seed", "1"])
-    if not Path(f"{clusters}_meta.json").exists():
-        print("building the clusters", flush=True)
-        sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore), str(clusters),
-            "--num-clusters", str(a.num_clusters)])
+    build_once(dstore, indexes["fastscan"], "ivfpq-fastscan", a)
+    clusters_once(dstore, clusters, a.num_clusters)
     base = [str(run / "data-bin"), "--path", str(run / "checkpoints" / "checkpoint_best.pt"),
             "--tokens-per-sample", "512", "--context-window", "256", "--sample-break-mode",
             "none", "--max-tokens", "8192", "--cpu", "--num-workers", "0", "--gen-subset",
@@ -216,11 +245,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     ax.set_ylabel("perplexity")
     ax.set_title(f"{label}: pointers, searches vs perplexity", fontsize=9)
     ax.set_xlim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path)
 
 
 if __name__ == "__main__":

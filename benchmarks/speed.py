@@ -6,8 +6,8 @@ with the same index, medians of round-robin repeats in one run, and the Pareto p
         --subset test --lmbda 0.3 --temp 5 --repeats 3
 
 Needs examples/wikitext2 steps 1-5 (QUICK=1 or not). Builds into OUT what is missing: the
-fast-scan index, the clusters, and two lambda models fitted on a valid pass saved with
---knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
+fast-scan and IVF-RaBitQ indexes, the clusters, and two lambda models fitted on a valid pass
+saved with --knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
 --knn-min-pointers 1 with --knn-stream-len STREAM). Every kNN row keeps the keys in RAM
 (--move-dstore-to-mem), so that the page cache does not decide the exact distances' cost.
 
@@ -29,25 +29,28 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from pointer_curve import BIN, REPO, parse_run, sh  # noqa: E402
+from pointer_curve import (  # noqa: E402
+    BIN,
+    REPO,
+    add_run_args,
+    build_once,
+    clusters_once,
+    finish_plot,
+    parse_run,
+    sh,
+)
 
 
 def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
             knn: Any) -> dict[str, Path]:
     """The fast-scan index, the clusters and the lambda models (built once into OUT)."""
     dstore = run / "dstore" / "train"
-    got = {"fastscan": out / "train.fs.index", "clusters": out / f"clusters_c{a.num_clusters}",
+    got = {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
+           "clusters": out / f"clusters_c{a.num_clusters}",
            "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
-    if not Path(f"{got['fastscan']}.meta.json").exists():
-        print("building the fast-scan index", flush=True)
-        sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
-            str(got["fastscan"]), "--index-type", "ivfpq-fastscan", "--ncentroids",
-            str(a.ncentroids), "--code-size", "64", "--train-size", "1000000", "--probe",
-            str(a.probe), "--seed", "1"])
-    if not Path(f"{got['clusters']}_meta.json").exists():
-        print("building the clusters", flush=True)
-        sh([sys.executable, "-m", "fairseq_knnlm.cli.clusters", str(dstore),
-            str(got["clusters"]), "--num-clusters", str(a.num_clusters)])
+    build_once(dstore, got["fastscan"], "ivfpq-fastscan", a)
+    build_once(dstore, got["rabitq"], "ivf-rabitq", a)
+    clusters_once(dstore, got["clusters"], a.num_clusters)
     for name, extra, fit in (
             ("lam_mlp", [], []),
             ("lam_ptr1", ["--knn-stream-len", str(a.stream_len)], ["--min-pointers", "1"])):
@@ -66,21 +69,11 @@ def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--run-dir", type=Path, required=True)
-    ap.add_argument("--out-dir", type=Path, required=True)
-    ap.add_argument("--subset", default="test")
-    ap.add_argument("--k", type=int, default=1024)
-    ap.add_argument("--probe", type=int, default=32)
-    ap.add_argument("--lmbda", type=float, default=0.3)
-    ap.add_argument("--temp", type=float, default=5.0)
-    ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
-    ap.add_argument("--num-clusters", type=int, default=2000)
+    add_run_args(ap, subset="test", lmbda=0.3, temp=5.0, repeats=3)
     ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
                     "that use it")
     ap.add_argument("--skip-below", type=float, default=0.05)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma list of row-name substrings to time")
-    ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")
     a = ap.parse_args()
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -100,7 +93,7 @@ def main() -> None:
                 *extra]
 
     got = prepare(a, run, out, base, lambda index, *extra: knn(index, *extra))
-    indexes["fastscan"] = got["fastscan"]
+    indexes["fastscan"], indexes["rabitq"] = got["fastscan"], got["rabitq"]
     s = str(a.stream_len)
     ptr = ["--knn-pointers", "--knn-min-pointers"]
     cl = ["--knn-clusters", str(got["clusters"])]
@@ -126,10 +119,16 @@ def main() -> None:
     rows["fastscan: full search, probe 8"] = ("fastscan", knn("fastscan", probe=8))
     rows[f"fastscan: clusters 512, stream {s}, probe 8"] = (
         "fastscan", knn("fastscan", *ptr, "512", *cl, "--knn-stream-len", s, probe=8))
+    rows["fastscan: full search, FAISS distances"] = (
+        "fastscan", knn("fastscan", "--knn-sim-func", "faiss_l2"))
+    rows["rabitq: full search"] = ("rabitq", knn("rabitq"))
+    rows[f"rabitq: pointers 64, stream {s}"] = ("rabitq", knn("rabitq", *ptr, "64",
+                                                               "--knn-stream-len", s))
     if a.only:
         keep = a.only.split(",")
         rows = {n: r for n, r in rows.items() if n in ("eval-lm (stock, no plugin)",
-                "plugin, no kNN", "ivfpq: full search", "fastscan: full search")
+                "plugin, no kNN", "ivfpq: full search", "fastscan: full search",
+                "rabitq: full search")
                 or any(x in n for x in keep)}
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     for rep in range(a.repeats):
@@ -141,7 +140,7 @@ def main() -> None:
                    "commands": {n: " ".join(["fairseq-eval-lm", *base, *r[1]])
                                 for n, r in rows.items()}})
     (out / "speed.json").write_text(json.dumps(result, indent=1))
-    md = table(result)
+    md = table(result) + "\n" + profile_table(result)
     (out / "speed.md").write_text(md)
     print(md)
     plot(result, out / "speed.png", a.label)
@@ -188,6 +187,27 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def profile_table(result: dict[str, Any]) -> str:
+    """Where each row's time goes, in µs per token: the LM and fairseq (the plugin's pass
+    without kNN), each stage the retriever and the pointer stepping time themselves (the last
+    repeat), and the rest (the row's median time less both). Bookkeeping is the pointer and
+    cluster stepping outside FAISS and the distances: expansion, policy, next pointers."""
+    names = sorted({k for r in result["rows"] for k in (r.get("stages") or {})})
+    lines = ["| run | LM + fairseq | " + " | ".join(n.replace("_", " ") for n in names)
+             + " | rest | total |", "|---" * (len(names) + 4) + "|"]
+    for r in result["rows"]:
+        if not r["index"] or not r.get("stages"):
+            continue
+        tok = r["tokens_per_s"] * r["seconds"]
+        lm = 1e6 * result["plugin_no_knn_s"] / tok
+        st = {n: 1e6 * r["stages"].get(n, 0.0) / tok for n in names}
+        rest = 1e6 * r["seconds"] / tok - lm - sum(st.values())
+        lines.append(f"| {r['row']} | {lm:.0f} | " + " | ".join(
+            f"{st[n]:.1f}" if n in r["stages"] else "-" for n in names)
+            + f" | {rest:.0f} | {1e6 * r['seconds'] / tok:.0f} |")
+    return "µs per token:\n\n" + "\n".join(lines) + "\n"
+
+
 def plot(result: dict[str, Any], path: Path, label: str) -> None:
     import matplotlib
 
@@ -197,7 +217,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
 
     pts = [(r["vs_stock"], r["ppl"], r["row"]) for r in result["rows"] if r["index"]]
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange"}
+    colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange", "rabitq": "tab:green"}
     for r in result["rows"]:
         if r["index"]:
             ax.scatter(r["vs_stock"], r["ppl"], color=colors.get(r["index"], "gray"), s=18)
@@ -213,11 +233,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{label}: speed against perplexity", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path)
 
 
 if __name__ == "__main__":

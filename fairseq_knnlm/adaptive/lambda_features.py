@@ -44,9 +44,15 @@ FEATURES = {**PRE_FEATURES, **POST_FEATURES}
 
 def lm_features(logp: torch.Tensor) -> torch.Tensor:
     """(n, 2) float32 [entropy, max log-prob] of n log-distributions (n, V)."""
+    return lm_features_argmax(logp)[0]
+
+
+def lm_features_argmax(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lm_features`` and ``lm_argmax`` of the same distributions, with one max."""
     lp = logp.float()
     ent = torch.special.entr(lp.exp()).sum(-1)
-    return torch.stack([ent, lp.max(-1).values], dim=1)
+    mx = lp.max(-1)
+    return torch.stack([ent, mx.values], dim=1), mx.indices
 
 
 def lm_argmax(logp: torch.Tensor) -> torch.Tensor:
@@ -70,7 +76,8 @@ def top_value(weights: torch.Tensor, values: torch.Tensor
     where no neighbour, and values (n, k) int."""
     if not values.shape[1]:
         return torch.zeros(len(values)), torch.full((len(values),), -1, dtype=torch.long)
-    vs, order = values.long().sort(dim=1, stable=True)
+    vs, order = values.int().sort(dim=1, stable=True)  # int32 sorts faster; same order
+    vs = vs.long()
     ws = weights.gather(1, order)
     c = ws.cumsum(1)
     start = torch.ones_like(vs, dtype=torch.bool)
@@ -87,14 +94,14 @@ def top_value_mass(weights: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 
 def agreement_features(logw: torch.Tensor, values: torch.Tensor, top: torch.Tensor,
-                       lm_logp_nbrs: torch.Tensor, lm_top: torch.Tensor
-                       ) -> dict[str, torch.Tensor]:
+                       lm_logp_nbrs: torch.Tensor, lm_top: torch.Tensor,
+                       weights: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """AGREEMENT_FEATURES of rows with neighbours: ``logw`` (n, k) log softmax weights (-inf
     where no neighbour), ``values`` (n, k) their values (-1 there), ``top`` (n,) the value of
     ``top_value``, ``lm_logp_nbrs`` (n, k) log p_LM at each neighbour's value, ``lm_top`` (n,)
-    the LM's argmax."""
+    the LM's argmax; ``weights`` the masked exp of ``logw`` where the caller has it."""
     finite = torch.isfinite(logw)
-    w = logw.exp().masked_fill(~finite, 0.0)
+    w = logw.exp().masked_fill(~finite, 0.0) if weights is None else weights
     lp = lm_logp_nbrs.float().masked_fill(~finite, float("-inf"))
     agree = torch.logsumexp(logw.masked_fill(~finite, float("-inf")) + lp, dim=1)
     first = (values == top[:, None]) & finite
@@ -117,7 +124,8 @@ def knn_features(dists: torch.Tensor, temperature: float,
     dmin = d.min(dim=1).values
     logits = (-d / temperature).masked_fill(~finite, float("-inf"))
     logw = torch.log_softmax(logits, dim=1)
-    ent = -(logw.exp() * logw.masked_fill(~finite, 0.0)).sum(1)
+    w = logw.exp().masked_fill(~finite, 0.0)  # 0 where no neighbour
+    ent = -(w * logw.masked_fill(~finite, 0.0)).sum(1)
     any_ = finite.any(dim=1)
     zero = torch.zeros_like(dmin)
     out = {"knn_min_dist": torch.where(any_, dmin, zero),
@@ -125,13 +133,13 @@ def knn_features(dists: torch.Tensor, temperature: float,
            "knn_log_count": torch.log1p(finite.sum(1).float())}
     if values is not None:
         vals = values.to(d.device)
-        mass, top = top_value(logw.exp().masked_fill(~finite, 0.0), vals)
+        mass, top = top_value(w, vals)
         out["knn_top_mass"] = torch.where(any_, mass, zero)
         if lm_logp_nbrs is not None and lm_top is not None:
             rows = any_.nonzero()[:, 0]
             agree = agreement_features(logw[rows], vals[rows], top[rows],
                                        lm_logp_nbrs.to(d.device)[rows],
-                                       lm_top.to(d.device)[rows])
+                                       lm_top.to(d.device)[rows], weights=w[rows])
             for f, v in agree.items():
                 out[f] = zero.clone().index_put_((rows,), v.float())
     return out

@@ -38,6 +38,7 @@ from typing import Any, Optional, Union
 import numpy as np
 
 from fairseq_knnlm.index.kinds import (
+    CPU_ONLY_TYPES,
     IndexBuildError,
     IndexSettings,
     _faiss,
@@ -239,8 +240,8 @@ def build_index(
     ds = open_datastore(dstore_prefix)  # validates the datastore before any work
     settings = check_settings(settings, ds.size, ds.dim)
     if gpu:
-        if settings.index_type == "ivfpq-fastscan":
-            raise IndexBuildError("FAISS has no GPU version of ivfpq-fastscan: drop --gpu")
+        if settings.index_type in CPU_ONLY_TYPES:
+            raise IndexBuildError(f"FAISS has no GPU version of {settings.index_type}: drop --gpu")
         require_gpu()
     _check_output(index_path)
     record = {"datastore": _datastore_record(ds), "settings": asdict(settings)}

@@ -20,11 +20,16 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, os.PathLike]
 
 
-INDEX_TYPES = ("ivfpq", "flat", "opq-ivfpq", "pca-ivfpq", "ivfpq-fastscan")
+INDEX_TYPES = ("ivfpq", "flat", "opq-ivfpq", "pca-ivfpq", "ivfpq-fastscan", "ivf-rabitq")
+# kinds FAISS has no GPU version of, and that the on-disk build cannot merge
+CPU_ONLY_TYPES = ("ivfpq-fastscan", "ivf-rabitq")
 # ivfpq-fastscan: the same IVF lists and bytes per vector, but 2 x code_size sub-quantizers of
 # 4 bits scanned with SIMD (faiss "PQ{M}x4fs"): on WikiText-2 (2 cores) ~5x the queries/s of
 # the paper's 8-bit PQ at recall@1024 0.80 instead of 0.89 (benchmarks/search_bench.py).
 # CPU only, not --on-disk.
+# ivf-rabitq: the same IVF lists with RaBitQ codes (faiss "IVF{n},RaBitQ", FAISS >= 1.11): one
+# bit per dimension plus two floats per vector (dim/8 + 8 bytes: 40 for dim 256); --code-size
+# does not apply. CPU only, not --on-disk.
 MIN_POINTS_PER_CENTROID = 39  # below this FAISS warns that k-means is under-trained
 
 
@@ -51,6 +56,8 @@ class IndexSettings:
             return "Flat"
         if self.index_type == "ivfpq-fastscan":
             return f"IVF{self.ncentroids},PQ{2 * self.code_size}x4fs"
+        if self.index_type == "ivf-rabitq":
+            return f"IVF{self.ncentroids},RaBitQ"
         pre = {"ivfpq": "", "opq-ivfpq": f"OPQ{self.code_size},",
                "pca-ivfpq": f"PCA{self.pca_dim},"}[self.index_type]
         return f"{pre}IVF{self.ncentroids},PQ{self.code_size}"
@@ -105,7 +112,11 @@ def check_settings(settings: IndexSettings, ntotal: int, dim: int) -> IndexSetti
     eff_dim = settings.pca_dim if settings.index_type == "pca-ivfpq" else dim
     if settings.index_type == "pca-ivfpq" and settings.pca_dim > dim:
         raise IndexBuildError(f"--pca-dim {settings.pca_dim} exceeds the key dimension {dim}")
-    if settings.index_type == "ivfpq-fastscan":
+    if settings.index_type == "ivf-rabitq":
+        if not hasattr(_faiss(), "IndexIVFRaBitQ"):
+            raise IndexBuildError("--index-type ivf-rabitq needs FAISS >= 1.11 (IndexIVFRaBitQ); "
+                                  f"this faiss is {_faiss().__version__}")
+    elif settings.index_type == "ivfpq-fastscan":
         m = 2 * settings.code_size  # 4-bit sub-quantizers: two per byte
         if settings.code_size <= 0 or eff_dim % m != 0:
             ok = [c for c in (8, 16, 32, 48, 64, 96, 128) if eff_dim % (2 * c) == 0]

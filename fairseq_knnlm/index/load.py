@@ -13,7 +13,14 @@ from typing import Any, Union
 
 import numpy as np
 
-from fairseq_knnlm.index.kinds import IndexBuildError, _faiss, _to_gpu, meta_path, require_gpu
+from fairseq_knnlm.index.kinds import (
+    CPU_ONLY_TYPES,
+    IndexBuildError,
+    _faiss,
+    _to_gpu,
+    meta_path,
+    require_gpu,
+)
 from fairseq_knnlm.store.datastore import (
     Datastore,
     DatastoreError,
@@ -63,8 +70,9 @@ def load_index(index_path: PathLike, probe: int = 32, gpu: bool = False,
     mp = meta_path(index_path)
     rec = json.loads(mp.read_text()) if mp.exists() else {}
     on_disk = bool(rec.get("on_disk"))
-    if gpu and rec.get("settings", {}).get("index_type") == "ivfpq-fastscan":
-        raise IndexBuildError(f"{index_path} is an ivfpq-fastscan index, which FAISS cannot "
+    kind = rec.get("settings", {}).get("index_type")
+    if gpu and kind in CPU_ONLY_TYPES:
+        raise IndexBuildError(f"{index_path} is an {kind} index, which FAISS cannot "
                               "move to a GPU: drop --knn-gpu or build an ivfpq index")
     if on_disk:
         # the lists are memory-mapped from INDEX.ivfdata already (IO_FLAG_MMAP would crash

@@ -18,11 +18,15 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
-from fairseq_knnlm.adaptive.lambda_features import lm_argmax, lm_features
+from fairseq_knnlm.adaptive.lambda_features import lm_features_argmax
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.plugin.runtime import active_runtime
 
 DEFAULT_SOFTMAX_ROWS = 2048  # rows normalised at once when --softmax-batch is not set
+# with LM features wanted, the batch's full log-distributions are kept up to this size for the
+# lambda model's agreement features (log p_LM at the neighbours' values), instead of a second
+# full softmax (an adaptive softmax computes every cluster for it); larger: recomputed
+LM_LOGP_KEEP_BYTES = 1 << 30
 
 
 class KNNSequenceScorer(SequenceScorer):
@@ -60,6 +64,7 @@ class KNNSequenceScorer(SequenceScorer):
         top = torch.empty(len(tgt), dtype=torch.long, device=feats.device) if with_features \
             else None
         adaptive = getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None
+        kept: torch.Tensor | None = None  # (n, V) the full log-distributions, if they fit
         for s in range(0, len(tgt), rows):
             e = min(len(tgt), s + rows)
             probs = model.get_normalized_probs(
@@ -71,9 +76,13 @@ class KNNSequenceScorer(SequenceScorer):
                     probs = model.get_normalized_probs(
                         (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
                         sample=None)
-                lmf[s:e] = lm_features(probs[0])
                 assert top is not None
-                top[s:e] = lm_argmax(probs[0])
+                lmf[s:e], top[s:e] = lm_features_argmax(probs[0])
+                full = probs[0]
+                if s == 0 and len(tgt) * full.shape[-1] * 4 <= LM_LOGP_KEEP_BYTES:
+                    kept = full.new_empty((len(tgt), full.shape[-1]), dtype=torch.float32)
+                if kept is not None:
+                    kept[s:e] = full
         hypos, o = [], 0
         for i in range(bsz):
             ref = utils.strip_pad(target[i, starts[i]:], self.pad)
@@ -87,11 +96,21 @@ class KNNSequenceScorer(SequenceScorer):
                 hypo["lm_features"], hypo["lm_argmax"] = lmf[o:o + n], top[o:o + n]
                 hypo["lm_offset"] = o
                 if i == 0:
-                    hypo["lm_logp_at"] = functools.partial(
-                        lm_logp_at, model, feats, tuple(decoder_out[1:]), rows)
+                    hypo["lm_logp_at"] = (
+                        functools.partial(lm_logp_kept, kept) if kept is not None else
+                        functools.partial(lm_logp_at, model, feats, tuple(decoder_out[1:]),
+                                          rows))
             o += n
             hypos.append([hypo])
         return hypos
+
+
+def lm_logp_kept(kept: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
+                 ) -> torch.Tensor:
+    """``lm_logp_at`` from the batch's kept full log-distributions ``kept`` (n, V)."""
+    tok = tokens.to(kept.device).long()
+    rows = kept[positions.to(kept.device).long()]
+    return rows.gather(-1, tok.clamp_min(0)).float().masked_fill(tok < 0, 0.0)
 
 
 @torch.no_grad()

@@ -178,6 +178,30 @@ def test_fastscan_recall_and_its_limits(synth, tmp_path):
         build_index_ondisk(d / "ds", tmp_path / "od.index", s, progress=False)
 
 
+def test_rabitq_recall_and_its_limits(synth, tmp_path):
+    """ivf-rabitq: RaBitQ codes in the IVF lists (one bit per dim); usable recall on clustered
+    keys, its own describe string, and the same refusals as fast-scan (GPU, on-disk)."""
+    from fairseq_knnlm.index.ondisk import build_index_ondisk
+
+    d, keys, q = synth
+    s = IndexSettings(index_type="ivf-rabitq", ncentroids=64, train_size=20000)
+    assert s.describe(32) == "IVF64,RaBitQ"
+    check_settings(IndexSettings(index_type="ivf-rabitq", code_size=24), 20000, 32)  # n/a
+    build_index(d / "ds", tmp_path / "rq.index", s, progress=False)
+    index = load_index(tmp_path / "rq.index", probe=16)
+    assert type(index).__name__ == "IndexIVFRaBitQ" and index.nprobe == 16
+    _, ids = search(index, q, 64)
+    truth = _exact(keys, q, 64)
+    recall = np.mean([len(set(a) & set(b)) / 64 for a, b in zip(ids, truth)])
+    assert recall >= 0.3, recall  # 32 bits a key here (fast-scan: 64); chance is 0.003
+    with pytest.raises(IndexBuildError, match="GPU"):
+        build_index(d / "ds", tmp_path / "g.index", s, gpu=True, progress=False)
+    with pytest.raises(IndexBuildError, match="GPU"):
+        load_index(tmp_path / "rq.index", gpu=True)
+    with pytest.raises(IndexBuildError, match="not ivf-rabitq"):
+        build_index_ondisk(d / "ds", tmp_path / "od.index", s, progress=False)
+
+
 # ---- dump identity: stale indexes and stale build state are never used --------------------
 
 def _dump(prefix, seed: int, context_window: int, n: int = 6000, d: int = 16) -> np.ndarray:

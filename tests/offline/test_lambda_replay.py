@@ -136,6 +136,23 @@ def test_scorer_features_equal_the_full_distribution(tiny, tmp_path, adaptive):
     assert torch.allclose(got, lm_features(full), atol=1e-5)
     lp = torch.cat([h[0]["positional_scores"] for h in hypos])
     assert torch.allclose(lp, full.gather(1, tgt.reshape(-1, 1))[:, 0], atol=1e-5)
+    # log p_LM at other tokens (the agreement features): from the kept distributions, and
+    # recomputed where they would not fit, both equal to the full distribution
+    import fairseq_knnlm.plugin.scorer as scorer_mod
+
+    pos = torch.tensor([0, 5, 23, 7])
+    toks = torch.randint(0, len(d), (4, 6), generator=g)
+    toks[1, 2] = -1  # no neighbour there: 0
+    want = full[pos].gather(1, toks.clamp_min(0)).masked_fill(toks < 0, 0.0)
+    assert isinstance(hypos[0][0]["lm_logp_at"].args[0], torch.Tensor)  # kept
+    assert torch.allclose(hypos[0][0]["lm_logp_at"](pos, toks), want, atol=1e-5)
+    old, scorer_mod.LM_LOGP_KEEP_BYTES = scorer_mod.LM_LOGP_KEEP_BYTES, 0
+    try:
+        again = KNNSequenceScorer(d)._score_targets_only(m, sample, True)
+    finally:
+        scorer_mod.LM_LOGP_KEEP_BYTES = old
+    assert again[0][0]["lm_logp_at"].func is scorer_mod.lm_logp_at  # recomputed
+    assert torch.allclose(again[0][0]["lm_logp_at"](pos, toks), want, atol=1e-5)
 
 
 # ---- online against fixed lambda and the replay ----
