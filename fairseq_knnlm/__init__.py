@@ -31,5 +31,14 @@ if os.environ.get(NO_FAIRSEQ_ENV) != "1":
     else:
         from fairseq_knnlm.plugin import (
             eval_lm_patch,  # noqa: F401  (registration only)
+            generate_patch,  # noqa: F401  (registration only)
             task,  # noqa: F401  (registration only)
         )
+
+
+def __getattr__(name: str):  # noqa: ANN202  (lazy: the API imports fairseq)
+    if name == "KNNLM":
+        from fairseq_knnlm.plugin.api import KNNLM
+
+        return KNNLM
+    raise AttributeError(f"module 'fairseq_knnlm' has no attribute {name!r}")

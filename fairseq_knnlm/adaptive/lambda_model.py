@@ -272,3 +272,15 @@ def interpolate_per_token(lm_logp: torch.Tensor, knn_logp: torch.Tensor,
     lambda 1: p_kNN exactly). The logs of lambda are taken in float64 and rounded to float32,
     as knn.interpolate does with a scalar lambda, so a constant lambda gives its numbers."""
     return mix_log_prob(lambda_log_weights(lmbda.to(lm_logp.device)), lm_logp, knn_logp)
+
+
+def mix_log_probs_full(log_weights: torch.Tensor, lm_logp: torch.Tensor,
+                       knn_logps: torch.Tensor) -> torch.Tensor:
+    """``mix_log_prob`` over the whole vocabulary, for generation: ``log_weights`` (n, C)
+    one set of weights per row (a lambda model's head), ``lm_logp`` (n, V), ``knn_logps``
+    (n, V) or (n, V, C - 1) (a MixHead's temperatures); returns (n, V) float32."""
+    n, v = lm_logp.shape
+    knn = knn_logps if knn_logps.dim() == 3 else knn_logps.unsqueeze(-1)
+    lw = log_weights.float().to(lm_logp.device).repeat_interleave(v, dim=0)
+    out = mix_log_prob(lw, lm_logp.reshape(-1), knn.reshape(n * v, -1))
+    return out.view(n, v)

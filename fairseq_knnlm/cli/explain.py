@@ -142,29 +142,13 @@ def eval_blocks(cfg: Any) -> tuple[np.ndarray, list[str]]:
     return np.asarray(ds.slice_indices, dtype=np.int64), list(task.target_dictionary.symbols)
 
 
-def train_text(data_dir: Path, ds: Any, context_tokens: int) -> Any:
-    """Where neighbour contexts come from: DATA/<the datastore's split>, or why not."""
-    from fairseq_knnlm.explain.document import TrainText, load_split_stream
-
-    split = ds.meta.subset
-    stream = load_split_stream(data_dir, split) if split else None
-    note = ""
-    if stream is None:
-        note = f"training context unavailable: {data_dir / (split or '?')} not found"
-        logger.warning(note)
-    elif len(stream) <= int(np.max(ds.pos[:min(ds.size, 1 << 16)], initial=0)):
-        stream, note = None, (f"training context unavailable: {data_dir / split} is not the "
-                              "split the datastore was dumped from (too short)")
-        logger.warning(note)
-    return TrainText(stream=stream, pos=ds.pos, unavailable=note, context_tokens=context_tokens)
-
-
 def run(own: argparse.Namespace, rest: list[str]) -> int:
     from fairseq import options
     from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
     from fairseq_knnlm.explain import aggregate as ea
     from fairseq_knnlm.explain import document as ex
+    from fairseq_knnlm.explain.document import train_text
     from fairseq_knnlm.explain.html import render_html
     from fairseq_knnlm.flags import check_flags
     from fairseq_knnlm.plugin.eval_lm_patch import knnlm_main

@@ -429,3 +429,18 @@ def binarize_text(lines: Sequence[str], dict_path: Union[str, Path],
         stats["tokens"] += len(ids)
     builder.finalize(f"{out_prefix}.idx")
     return stats
+
+
+def train_text(data_dir: Path, ds: Any, context_tokens: int) -> Any:
+    """Where neighbour contexts come from: DATA/<the datastore's split>, or why not."""
+    split = ds.meta.subset
+    stream = load_split_stream(data_dir, split) if split else None
+    note = ""
+    if stream is None:
+        note = f"training context unavailable: {data_dir / (split or '?')} not found"
+        logger.warning("%s", note)
+    elif len(stream) <= int(np.max(ds.pos[:min(ds.size, 1 << 16)], initial=0)):
+        stream, note = None, (f"training context unavailable: {data_dir / split} is not the "
+                              "split the datastore was dumped from (too short)")
+        logger.warning("%s", note)
+    return TrainText(stream=stream, pos=ds.pos, unavailable=note, context_tokens=context_tokens)

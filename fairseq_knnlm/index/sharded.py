@@ -47,6 +47,7 @@ from fairseq_knnlm.index.build import (
     stale_reason,
 )
 from fairseq_knnlm.index.kinds import (
+    CPU_ONLY_TYPES,
     IndexBuildError,
     IndexSettings,
     _faiss,
@@ -350,7 +351,7 @@ def build_index_sharded(
     index_path = Path(index_path)
     ds = open_datastore(dstore_prefix)
     settings = check_settings(settings, ds.size, ds.dim)
-    if merge_on_disk and settings.index_type in ("flat", "ivfpq-fastscan"):
+    if merge_on_disk and settings.index_type in ("flat", *CPU_ONLY_TYPES):
         raise IndexBuildError(f"--on-disk merges IVF inverted lists of 8-bit PQ codes: use "
                               f"ivfpq, opq-ivfpq or pca-ivfpq, not {settings.index_type}")
     _check_output(index_path)

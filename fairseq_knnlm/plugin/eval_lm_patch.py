@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 DEBUG_ENV = "FAIRSEQ_KNNLM_DEBUG"
 DEBUG_FLAG = "--knn-debug"
 EVAL_LM_PROGRAM = "fairseq-eval-lm"
+# the console scripts whose user errors are one line (generate_patch.py wires the last two)
+PROGRAMS = {EVAL_LM_PROGRAM: "fairseq_cli.eval_lm", "fairseq-interactive":
+            "fairseq_cli.interactive", "fairseq-generate": "fairseq_cli.generate"}
 # fairseq's own main, found by install(); knnlm_main runs it
 _fairseq_main: Optional[Callable[..., Any]] = None
 
@@ -120,21 +123,27 @@ def _excepthook(previous: Callable[..., Any]) -> Callable[..., Any]:
         if message is None or debug_requested():
             previous(exc_type, exc, tb)
             return
-        prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else EVAL_LM_PROGRAM
-        if not prog.startswith(EVAL_LM_PROGRAM):
-            prog = EVAL_LM_PROGRAM
+        prog = _running_program() or EVAL_LM_PROGRAM
         print(f"{prog}: error: {message}", file=sys.stderr, flush=True)
 
     hook._knnlm = True  # type: ignore[attr-defined]
     return hook
 
 
+def _running_program() -> Optional[str]:
+    """Which of PROGRAMS this process is (console script or python -m), or None."""
+    main = sys.modules.get("__main__")
+    spec_name = getattr(getattr(main, "__spec__", None), "name", "")
+    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    for name, module in PROGRAMS.items():
+        if prog.startswith(name) or spec_name == module:
+            return name
+    return None
+
+
 def _running_eval_lm() -> bool:
     """Whether this process is fairseq-eval-lm (console script or python -m)."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    prog = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return prog.startswith(EVAL_LM_PROGRAM) or getattr(spec, "name", "") == "fairseq_cli.eval_lm"
+    return _running_program() == EVAL_LM_PROGRAM
 
 
 def install_excepthook() -> None:
@@ -161,7 +170,7 @@ def install() -> None:
             continue
         mod.SequenceScorer = KNNSequenceScorer
         mod.main = knnlm_main
-    if _running_eval_lm():
+    if _running_program() is not None:
         install_excepthook()
     help_patch.install()
 

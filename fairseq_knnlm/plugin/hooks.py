@@ -104,6 +104,12 @@ class KeyCapture:
         x, self._value = self._value, None
         return x.transpose(0, 1)
 
+    def take(self) -> Optional[torch.Tensor]:
+        """The state of the last forward pass as recorded, time-major (T, B, C), or None;
+        cleared (generation reads it after every decoder step)."""
+        x, self._value = self._value, None
+        return x
+
     def remove(self) -> None:
         self._handle.remove()
 

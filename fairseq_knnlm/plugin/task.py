@@ -21,8 +21,11 @@ import numpy as np
 from fairseq.data import FairseqDataset, LMContextWindowDataset
 from fairseq.tasks import TASK_DATACLASS_REGISTRY, TASK_REGISTRY
 from fairseq.tasks.language_modeling import LanguageModelingTask
+from fairseq.tokenizer import tokenize_line
 
+from fairseq_knnlm.plugin import generation
 from fairseq_knnlm.plugin.config import KNNLanguageModelingConfig
+from fairseq_knnlm.plugin.generation import wants_generation
 from fairseq_knnlm.plugin.runtime import active_runtime
 from fairseq_knnlm.store.shards import contiguous_range, left_context
 
@@ -39,7 +42,55 @@ class KNNLanguageModelingTask(LanguageModelingTask):
         rt = active_runtime()
         if rt is not None:
             rt.bind(self, model)
+        elif wants_generation(self.args):  # fairseq-interactive / -generate, the Python API
+            self._knn_generation = generation.attach(self, model)
         return model
+
+    @property
+    def knn_generation(self) -> Optional[generation.KNNGeneration]:
+        return getattr(self, "_knn_generation", None)
+
+    def get_interactive_tokens_and_lengths(self, lines: list, encode_fn: Any) -> Any:
+        """fairseq-interactive's prompts; with kNN-LM generation, checked first (empty,
+        longer than the model's positions, unknown words) in one line each."""
+        tokens, lengths = super().get_interactive_tokens_and_lengths(lines, encode_fn)
+        gen = self.knn_generation
+        if gen is not None:
+            d = self.source_dictionary
+            prompts = [t[:-1] if t.numel() and int(t[-1]) == d.eos() else t for t in tokens]
+            unknown = [[w for w in tokenize_line(encode_fn(line))
+                        if d.index(w) == d.unk_index and w != d.unk_word] for line in lines]
+            generation.check_prompts(prompts, d.unk(), gen.max_positions, unknown_words=unknown,
+                                     what=lambda i: f"prompt {lines[i][:40]!r}")
+        return tokens, lengths
+
+    def build_dataset_for_inference(self, src_tokens: list, src_lengths: list,
+                                    **kwargs: Any) -> Any:
+        """fairseq's, but under numpy 2 (no ``np.compat``, which TokenBlockDataset's "eos"
+        break mode reads) each prompt is its own block through ``_Blocks``: what that mode
+        makes of a list of prompts."""
+        if hasattr(np, "compat"):
+            return super().build_dataset_for_inference(src_tokens, src_lengths, **kwargs)
+        import fairseq.tasks.language_modeling as lm_task
+
+        stock = lm_task.TokenBlockDataset
+        lm_task.TokenBlockDataset = _Blocks  # type: ignore[misc,assignment]
+        try:
+            return super().build_dataset_for_inference(src_tokens, src_lengths, **kwargs)
+        finally:
+            lm_task.TokenBlockDataset = stock  # type: ignore[misc]
+
+    def inference_step(self, generator: Any, models: list, sample: dict,
+                       prefix_tokens: Any = None, constraints: Any = None) -> Any:
+        gen = self.knn_generation
+        if gen is not None:
+            src = sample["net_input"]["src_tokens"]
+            lengths = sample["net_input"].get("src_lengths")
+            # forced tokens: the prompt after the bos the task prepends
+            gen.prefix_length = (int(lengths.min()) - 1 if lengths is not None and
+                                 prefix_tokens is None and src.nelement() else None)
+        return super().inference_step(generator, models, sample, prefix_tokens=prefix_tokens,
+                                      constraints=constraints)
 
     def eval_lm_dataloader(self, dataset: Any, max_tokens: Optional[int] = 36000,
                            batch_size: Optional[int] = None, max_positions: Any = None,
@@ -108,6 +159,31 @@ class _ItemRange(FairseqDataset):
 
     def ordered_indices(self) -> np.ndarray:
         return np.arange(len(self))
+
+
+class _Blocks(FairseqDataset):
+    """TokenBlockDataset(tokens, sizes, break_mode="eos") for a list of prompts: item i is
+    prompt i (each already ends with its eos)."""
+
+    def __init__(self, tokens: list, sizes: Any, **kwargs: Any) -> None:
+        self.tokens = tokens
+        self._sizes = np.asarray([t.numel() for t in tokens], dtype=np.int64)
+
+    def __getitem__(self, index: int) -> Any:
+        return self.tokens[index]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return self._sizes
+
+    def num_tokens(self, index: int) -> int:
+        return int(self._sizes[index])
+
+    def size(self, index: int) -> int:
+        return int(self._sizes[index])
 
 
 def register() -> None:

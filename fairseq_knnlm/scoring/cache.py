@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
+from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR, knn_log_probs_full
 
 
 def next_tokens(src_tokens: torch.Tensor, target: torch.Tensor, pad: int) -> torch.Tensor:
@@ -52,6 +52,28 @@ def cache_log_prob(
     tgt = torch.logsumexp(scores.masked_fill(~match, float("-inf")), dim=-1)
     out = tgt - norm
     return torch.where(match.any(dim=-1), out, torch.full_like(out, floor))
+
+
+def cache_log_probs_full(
+    query: torch.Tensor,
+    history: torch.Tensor,
+    values: torch.Tensor,
+    theta: float,
+    length: int,
+    vocab_size: int,
+    floor: float = KNN_LOGP_FLOOR,
+) -> torch.Tensor:
+    """(n, V) log p_cache of every token for generation: query (n, D) the state at the
+    position being predicted, history (n, T, D) the states before it and values (n, T)
+    their next tokens (the last ``length`` positions count). The same distribution as
+    ``cache_log_prob`` gives its target, over the whole vocabulary."""
+    h = history[:, -length:].float() if length > 0 else history[:, :0].float()
+    v = values[:, -length:] if length > 0 else values[:, :0]
+    if h.shape[1] == 0:
+        return torch.full((query.shape[0], vocab_size), floor, dtype=torch.float32,
+                          device=query.device)
+    scores = theta * torch.bmm(h, query.float().unsqueeze(-1)).squeeze(-1)  # (n, T)
+    return knn_log_probs_full(-scores, v.long(), vocab_size, 1.0, floor=floor)
 
 
 def interpolate_cache(base_logp: torch.Tensor, cache_logp: torch.Tensor,

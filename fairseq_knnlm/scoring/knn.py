@@ -55,6 +55,40 @@ def knn_log_prob(
     return torch.where(match.any(dim=-1), out, torch.full_like(out, floor))
 
 
+def knn_log_probs_full(
+    dists: torch.Tensor,
+    nbr_vals: torch.Tensor,
+    vocab_size: int,
+    temperature: float = 1.0,
+    valid: Optional[torch.Tensor] = None,
+    floor: float = KNN_LOGP_FLOOR,
+) -> torch.Tensor:
+    """(n, V) log p_kNN of every token of the vocabulary (Eq. 2), for generation: the
+    weights softmax(-d/T) of the k neighbours scatter-added onto their values, in log space
+    and float32 (per value, a log-sum-exp of its neighbours' logits). A token that no
+    neighbour carries gets ``floor``, as ``knn_log_prob`` gives it; at any token this equals
+    ``knn_log_prob`` with that token as the target.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    n = dists.shape[0]
+    logits = -dists.float() / temperature
+    ok = nbr_vals >= 0
+    if valid is not None:
+        ok = ok & valid.to(ok.device)
+    logits = logits.masked_fill(~ok, float("-inf"))
+    norm = torch.logsumexp(logits, dim=-1, keepdim=True)  # (n, 1)
+    idx = torch.where(ok, nbr_vals, torch.zeros_like(nbr_vals)).long()
+    neg = torch.full((n, vocab_size), float("-inf"), dtype=torch.float32, device=logits.device)
+    top = neg.scatter_reduce(1, idx, logits, reduce="amax", include_self=True)  # per value
+    shift = torch.where(ok, logits - top.gather(1, idx), torch.full_like(logits, float("-inf")))
+    sums = torch.zeros_like(neg).scatter_add_(1, idx, shift.exp())
+    out = sums.log() + top - norm  # -inf / nan only where no neighbour: replaced below
+    has = torch.zeros(n, vocab_size, dtype=torch.bool, device=logits.device).scatter_(
+        1, idx, ok)
+    return torch.where(has, out, torch.full_like(out, floor))
+
+
 def interpolate(lm_logp: torch.Tensor, knn_logp: torch.Tensor, lmbda: float) -> torch.Tensor:
     """log(lambda p_kNN + (1 - lambda) p_LM), computed with logaddexp in float32."""
     if not 0.0 <= lmbda <= 1.0:

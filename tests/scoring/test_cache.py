@@ -8,7 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from fairseq_knnlm.scoring.cache import cache_log_prob, interpolate_cache, next_tokens
+from fairseq_knnlm.scoring.cache import (
+    cache_log_prob,
+    cache_log_probs_full,
+    interpolate_cache,
+    next_tokens,
+)
 from fairseq_knnlm.scoring.knn import KNN_LOGP_FLOOR
 
 
@@ -55,3 +60,19 @@ def test_a_cache_only_pass_logs_its_summary_as_the_cache(tiny, caplog):
     assert len(lines) == 1 and lines[0].startswith("continuous cache: "), lines
     assert f"final ppl {res['perplexity']:.2f}" in lines[0] or math.isclose(
         float(lines[0].rsplit(" ", 1)[1]), res["perplexity"], rel_tol=1e-4)
+
+
+def test_full_vocab_cache_is_the_per_target_one():
+    """Generation's cache over the whole vocabulary (the query against its history) equals
+    cache_log_prob at the last position for every target."""
+    rng = np.random.default_rng(1)
+    T, D, L, theta, V = 10, 4, 6, 0.5, 7
+    h = torch.from_numpy(rng.standard_normal((T, D)).astype(np.float32))
+    vals = torch.from_numpy(rng.integers(0, 5, T))
+    full = cache_log_probs_full(h[-1:], h[None, :-1], vals[None, :-1], theta, L, V)
+    for y in range(V):
+        tg = torch.full((T,), y)
+        per = cache_log_prob(h, vals, tg, theta, L)[-1]
+        assert float(full[0, y]) == pytest.approx(float(per), abs=1e-5)
+    empty = cache_log_probs_full(h[-1:], h[None, :0], vals[None, :0], theta, L, V)
+    assert (empty == KNN_LOGP_FLOOR).all()

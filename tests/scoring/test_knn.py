@@ -12,6 +12,7 @@ from fairseq_knnlm.scoring.knn import (
     KNN_LOGP_FLOOR,
     interpolate,
     knn_log_prob,
+    knn_log_probs_full,
     recompute_distances,
 )
 
@@ -90,3 +91,34 @@ def test_sim_func_names_and_alias():
         "l2", "faiss_l2", "dot", "faiss_l2"]
     with pytest.raises(FlagError, match="--knn-sim-func must be one of .*do_not_recomp_l2"):
         normalize_sim_func("cosine")
+
+
+def test_full_vocab_knn_is_the_per_target_one_and_sums_to_one():
+    """Generation's p_kNN over the whole vocabulary (scatter-added weights): at every token
+    it equals knn_log_prob with that token as the target (the floor where no neighbour
+    carries it), sums to 1, and matches a numpy loop; -1 slots and rows without any
+    neighbour are masked."""
+    rng = np.random.default_rng(3)
+    n, k, V, T = 6, 9, 13, 3.0
+    d = torch.from_numpy(rng.uniform(0, 40, (n, k)).astype(np.float32))
+    vals = torch.from_numpy(rng.integers(0, 5, (n, k)))  # values repeat: weights add up
+    valid = torch.ones(n, k, dtype=torch.bool)
+    valid[1, :3] = False
+    vals[2, 4] = -1
+    valid[2, 4] = False
+    valid[5] = False  # no neighbour at all
+    full = knn_log_probs_full(d, vals, V, T, valid)
+    assert full.shape == (n, V) and full.dtype == torch.float32
+    for y in range(V):
+        per = knn_log_prob(d, vals, torch.full((n,), y), T, valid)
+        assert torch.allclose(full[:, y], per, atol=1e-5), y
+    sums = torch.logsumexp(full[:5], dim=1)
+    assert torch.allclose(sums, torch.zeros(5), atol=1e-5)
+    assert (full[5] == KNN_LOGP_FLOOR).all()
+    for i in range(5):
+        w = np.where(valid[i].numpy(), np.exp(-d[i].double().numpy() / T), 0.0)
+        p = np.zeros(V)
+        np.add.at(p, np.where(valid[i].numpy(), vals[i].numpy(), 0), w)
+        p /= w.sum()
+        got = np.exp(full[i].double().numpy())
+        assert np.allclose(got, np.where(p > 0, p, 0.0), atol=1e-6)
