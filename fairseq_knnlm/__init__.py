@@ -15,11 +15,11 @@ __version__ = "0.1.0"
 # and torch costs ~300 MB of RSS per process
 NO_FAIRSEQ_ENV = "FAIRSEQ_KNNLM_NO_FAIRSEQ"
 
-# FAISS (its own libgomp) and torch (another) each keep idle OpenMP threads spinning; when
-# small FAISS calls alternate with torch work (pointer runs) the spinning pools take the cores
-# from each other. PASSIVE makes idle threads sleep. Each libgomp reads it when it loads:
-# FAISS's always loads after this line, torch's only when this package is imported first
-# (the knnlm-* tools); search/retriever.py's torch_threads handles torch's side in eval-lm.
+# idle OpenMP threads spin; when small FAISS calls alternate with torch work (pointer runs)
+# spinning threads take the cores from the work. PASSIVE makes idle threads sleep. libgomp
+# reads it when it loads: after this line where this package is imported before torch (the
+# knnlm-* tools); in eval-lm torch loads first, and search/retriever.py's torch_threads and
+# faiss_threads set the thread counts around the gathers and the searches instead.
 # Set the variable yourself to choose otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -96,13 +96,16 @@ def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op threads set to ``n`` inside the block (restored after).
 
     The exact distances are gathers of key rows in blocks of a few queries: many short
-    OpenMP regions, memory bound. FAISS and torch each bring their own OpenMP runtime, whose
-    idle threads spin, and a region ends only when all its threads are done: right after a
-    FAISS call of 256 queries the gathers took ~10x longer with torch's two threads than with
-    one (2 cores), and 5-8x longer in a full-search pass on a loaded machine (other jobs
-    taking a core). On one thread they no longer wait for a thread that is not running
-    (FAISS's pool sleeps when idle: the package sets OMP_WAIT_POLICY=PASSIVE before FAISS
-    loads); the LM forward keeps all threads. docs/performance.md has the numbers."""
+    OpenMP regions, memory bound. Right after a FAISS call of 256 queries the gathers took
+    ~10x longer with torch's two threads than with one (2 cores), and 5-8x longer in a
+    full-search pass on a loaded machine (other jobs taking a core): a region ends only when
+    all its threads are done, and idle OpenMP threads spin (the package sets
+    OMP_WAIT_POLICY=PASSIVE before FAISS loads). The LM forward keeps all threads.
+
+    With the pip wheels torch and FAISS share one OpenMP runtime, so this also sets FAISS's
+    thread count: ``KNNRetriever.search`` therefore runs FAISS under ``faiss_threads`` with
+    the count it had when the retriever was made (inside a ``torch_threads(1)`` block too).
+    docs/performance.md has the numbers."""
     before = torch.get_num_threads()
     if before == n:
         yield
@@ -112,6 +115,30 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def faiss_thread_count() -> int:
+    import faiss
+
+    return int(faiss.omp_get_max_threads())
+
+
+@contextlib.contextmanager
+def faiss_threads(n: int) -> Iterator[None]:
+    """FAISS's OpenMP threads set to ``n`` inside the block (restored after): its searches
+    keep every core where a ``torch_threads(1)`` block around them (pointer stepping) would
+    otherwise leave FAISS one thread (one shared OpenMP runtime)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    if before == n:
+        yield
+        return
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 class KNNRetriever:
@@ -175,6 +202,7 @@ class KNNRetriever:
         self._continues: Optional[np.ndarray] = None
         self._code_dists: Optional[CodeDistances] = None
         self.timing: dict[str, float] = defaultdict(float)  # seconds per stage, for profiling
+        self.search_threads = faiss_thread_count()  # FAISS's threads for every search
         logger.info("kNN-LM datastore %s: %d entries, dim %d, key type %s; %s",
                     self.ds.prefix, self.ds.size, self.ds.dim, self.ds.meta.keytype, what)
 
@@ -182,7 +210,8 @@ class KNNRetriever:
     def search(self, queries: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """FAISS's (or the torch search's) distances and ids (n, k) for float queries."""
         t0 = time.perf_counter()
-        fd, ids = search(self.index, queries.detach().float().cpu().numpy(), self.k)
+        with faiss_threads(self.search_threads):
+            fd, ids = search(self.index, queries.detach().float().cpu().numpy(), self.k)
         self.timing["faiss_search"] += time.perf_counter() - t0
         return fd, ids
 

@@ -78,3 +78,34 @@ def test_torch_threads_sets_and_restores():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+def test_faiss_searches_keep_their_threads_inside_torch_threads(small, monkeypatch):
+    """torch and FAISS may share one OpenMP runtime (they do with the pip wheels): the pointer
+    stepping's torch_threads(1) block must not leave FAISS's searches one thread."""
+    import faiss
+
+    import fairseq_knnlm.search.retriever as ret
+
+    d, keys = small
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        r = KNNRetriever(d / "ds", d / "flat.index", k=5)
+        assert r.search_threads == faiss.omp_get_max_threads() == 2
+        seen = []
+        real = ret.search
+
+        def spy(index, q, k):
+            seen.append(faiss.omp_get_max_threads())
+            return real(index, q, k)
+
+        monkeypatch.setattr(ret, "search", spy)
+        with ret.torch_threads(1):
+            pre = faiss.omp_get_max_threads()  # 1 where the runtime is shared
+            r.search(torch.from_numpy(keys[:3]))
+            assert faiss.omp_get_max_threads() == pre  # the block's setting, restored
+        assert seen == [2]  # FAISS searched on both threads
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
