@@ -8,6 +8,12 @@ peak memory is the child's max RSS (os.wait4).
 
     python benchmarks/run.py --run-dir runs/wikitext2            # ~25 min: 1500 lines x 3
     python benchmarks/run.py --run-dir runs/wikitext2 --quick    # ~5 min: 300 lines, 1 repeat
+    python benchmarks/run.py --run-dir runs/wikitext2_quick --adaptive  # + benchmarks/speed.py
+
+--adaptive then runs benchmarks/speed.py on the same run (pointers, clusters, lambda models
+with and without the gate, fast-scan, smaller probe, IVF-RaBitQ, FAISS distances: searched
+fraction, perplexity, tokens/s against stock eval-lm and against full search with the same
+index, the per-stage profile and the Pareto plot), into RUN_DIR/speed.
 
 Needs the outputs of examples/wikitext2 steps 1-5 (data-bin, checkpoint, datastore, index).
 """
@@ -95,6 +101,8 @@ def main() -> None:
     ap.add_argument("--only", default=None,
                     help="comma-separated substrings: run only the steps whose name has one "
                          "(the baseline always runs); e.g. --only fastscan")
+    ap.add_argument("--adaptive", action="store_true",
+                    help="then run benchmarks/speed.py on the same run dir (RUN_DIR/speed)")
     a = ap.parse_args()
     rd = Path(a.run_dir)
     data_bin, ckpt = rd / "data-bin", rd / "checkpoints" / "checkpoint_best.pt"
@@ -180,6 +188,10 @@ def main() -> None:
               f"keys/s | | {ib['peak_rss_gib']:.2f} | | |")
     if a.out:
         Path(a.out).write_text(json.dumps(res, indent=1))
+    if a.adaptive:
+        subprocess.run([sys.executable, str(REPO / "benchmarks" / "speed.py"), "--run-dir",
+                        str(rd), "--out-dir", str(rd / "speed"), "--repeats",
+                        str(1 if a.quick else a.repeats)], check=True)
 
 
 _INDEX_BENCH = r"""
