@@ -228,6 +228,9 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
         if y < best:
             front.append((x, y))
             best = y
+    for index, color in colors.items():  # one legend entry per index
+        if any(r["index"] == index for r in result["rows"]):
+            ax.scatter([], [], color=color, s=18, label=index)
     ax.plot([p[0] for p in front], [p[1] for p in front], "k--", lw=0.8, label="Pareto front")
     ax.axvline(1.0, color="red", lw=0.8, ls=":", label="stock eval-lm speed")
     ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
