@@ -6,22 +6,7 @@
 source "$(dirname "$0")/common.sh"
 SHAKESPEARE="${SHAKESPEARE:-$REPO/../shared/data/tinyshakespeare/input.txt}"
 SH_DIR="$RUN_DIR/shakespeare"; SH_BIN="$SH_DIR/data-bin"; SH_DSTORE="$SH_DIR/dstore/train"
-mkdir -p "$SH_DIR"
-if [ ! -f "$SH_BIN/test.bin" ]; then
-  python "$HERE/tokenize_shakespeare.py" "$SHAKESPEARE" "$SH_DIR/raw" | tee "$LOG_DIR/shakespeare_split.log"
-  fairseq-preprocess --only-source --srcdict "$DATA_BIN/dict.txt" \
-    --trainpref "$SH_DIR/raw/train.txt" --validpref "$SH_DIR/raw/valid.txt" \
-    --testpref "$SH_DIR/raw/test.txt" --destdir "$SH_BIN" --workers 2 \
-    2>&1 | tee "$LOG_DIR/shakespeare_preprocess.log" | grep -E "replaced|types"
-fi
-if [ ! -f "${SH_DSTORE}_meta.json" ]; then
-  fairseq-eval-lm "$SH_BIN" "${EVAL_FLAGS[@]}" --gen-subset train --save-knnlm-dstore \
-    --dstore-mmap "$SH_DSTORE" --dstore-fp16 2>&1 | tee "$LOG_DIR/shakespeare_dump.log" | grep -E "Perplexity|datastore"
-fi
-if [ ! -f "$SH_DSTORE.index.meta.json" ]; then
-  knnlm-build-index --dstore-mmap "$SH_DSTORE" --faiss-index "$SH_DSTORE.index" --no-progress \
-    2>&1 | tee "$LOG_DIR/shakespeare_index.log" | grep -E "ncentroids|wrote"
-fi
+shakespeare_datastore "$SH_DIR"
 # --knn-pointers with a threshold above k searches every token (plain kNN-LM) and saves the
 # queries and stream starts that 13_adaptive_lambda.sh replays pointer policies from
 KNN=(--knnlm --dstore-filename "$SH_DSTORE" --indexfile "$SH_DSTORE.index" --k 1024 --probe 32

@@ -44,21 +44,8 @@ $PY "$REPO/benchmarks/generation.py" --ckpt "$CKPT" --data "$DATA_BIN" --eval-da
 # tiny-shakespeare: 08's datastore, or its first steps here
 SH_DIR="$RUN_DIR/shakespeare"
 if [ ! -f "$SH_DIR/dstore/train.index.meta.json" ]; then
-  SH_DIR="$GEN_DIR/shakespeare"; mkdir -p "$SH_DIR"
-  if [ ! -f "$SH_DIR/data-bin/test.bin" ]; then
-    $PY "$HERE/tokenize_shakespeare.py" "$SHAKESPEARE" "$SH_DIR/raw" | tee "$LOG_DIR/shakespeare_split.log"
-    fairseq-preprocess --only-source --srcdict "$DATA_BIN/dict.txt" \
-      --trainpref "$SH_DIR/raw/train.txt" --validpref "$SH_DIR/raw/valid.txt" \
-      --testpref "$SH_DIR/raw/test.txt" --destdir "$SH_DIR/data-bin" --workers 2 \
-      2>&1 | tee "$LOG_DIR/shakespeare_preprocess.log" | grep -E "replaced|types"
-  fi
-  if [ ! -f "$SH_DIR/dstore/train_meta.json" ]; then
-    fairseq-eval-lm "$SH_DIR/data-bin" "${EVAL_FLAGS[@]}" --gen-subset train --save-knnlm-dstore \
-      --dstore-mmap "$SH_DIR/dstore/train" --dstore-fp16 2>&1 | tee "$LOG_DIR/shakespeare_dump.log" \
-      | grep -E "Perplexity|datastore"
-  fi
-  knnlm-build-index --dstore-mmap "$SH_DIR/dstore/train" --faiss-index "$SH_DIR/dstore/train.index" \
-    --no-progress 2>&1 | tee "$LOG_DIR/shakespeare_index.log" | grep -E "ncentroids|wrote"
+  SH_DIR="$GEN_DIR/shakespeare"
+  shakespeare_datastore "$SH_DIR"
 fi
 read -r SK SLAM STEMP < <($PY - "$RUN_DIR/sweep_shakespeare_valid.json" "$K" "$TEMP" <<'PY'
 import json, os, sys

@@ -34,3 +34,26 @@ EVAL_FLAGS=(--path "$CKPT" --user-dir "$REPO/fairseq_knnlm" --tokens-per-sample 
             --cpu --num-workers 0)
 mkdir -p "$RUN_DIR" "$LOG_DIR"
 export PYTHONUNBUFFERED=1
+
+# tiny-shakespeare as a domain datastore in DIR (08_domain_adaptation.sh, 15_generation.sh):
+# split and binarize with the LM's dictionary (out-of-vocabulary words map to <unk>), dump the
+# train split, build its index; each step skipped when its output exists. Logs to $LOG_DIR.
+shakespeare_datastore() {
+  local dir="$1" bin="$1/data-bin" ds="$1/dstore/train"
+  mkdir -p "$dir"
+  if [ ! -f "$bin/test.bin" ]; then
+    $PY "$HERE/tokenize_shakespeare.py" "$SHAKESPEARE" "$dir/raw" | tee "$LOG_DIR/shakespeare_split.log"
+    fairseq-preprocess --only-source --srcdict "$DATA_BIN/dict.txt" \
+      --trainpref "$dir/raw/train.txt" --validpref "$dir/raw/valid.txt" \
+      --testpref "$dir/raw/test.txt" --destdir "$bin" --workers 2 \
+      2>&1 | tee "$LOG_DIR/shakespeare_preprocess.log" | grep -E "replaced|types"
+  fi
+  if [ ! -f "${ds}_meta.json" ]; then
+    fairseq-eval-lm "$bin" "${EVAL_FLAGS[@]}" --gen-subset train --save-knnlm-dstore \
+      --dstore-mmap "$ds" --dstore-fp16 2>&1 | tee "$LOG_DIR/shakespeare_dump.log" | grep -E "Perplexity|datastore"
+  fi
+  if [ ! -f "$ds.index.meta.json" ]; then
+    knnlm-build-index --dstore-mmap "$ds" --faiss-index "$ds.index" --no-progress \
+      2>&1 | tee "$LOG_DIR/shakespeare_index.log" | grep -E "ncentroids|wrote"
+  fi
+}

@@ -47,17 +47,19 @@ def lm_features(logp: torch.Tensor) -> torch.Tensor:
     return lm_features_argmax(logp)[0]
 
 
+def logp_at(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """(m, k) float32 log-probabilities of ``tokens`` (m, k) in the log-distributions ``logp``
+    (m, V) of the same rows; tokens < 0 (no neighbour) give 0."""
+    return logp.gather(-1, tokens.clamp_min(0)).float().masked_fill(tokens < 0, 0.0)
+
+
 def lm_features_argmax(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``lm_features`` and ``lm_argmax`` of the same distributions, with one max."""
+    """``lm_features`` and the argmax (n,) int64 (the first of ties, as torch.max) of the same
+    distributions, with one max."""
     lp = logp.float()
     ent = torch.special.entr(lp.exp()).sum(-1)
     mx = lp.max(-1)
     return torch.stack([ent, mx.values], dim=1), mx.indices
-
-
-def lm_argmax(logp: torch.Tensor) -> torch.Tensor:
-    """(n,) int64 argmax_v of n log-distributions (n, V) (the first of ties, as torch.max)."""
-    return logp.float().max(-1).indices
 
 
 def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:

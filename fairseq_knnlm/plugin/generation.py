@@ -36,8 +36,8 @@ import torch
 
 from fairseq_knnlm.adaptive.lambda_features import (
     knn_features,
-    lm_argmax,
-    lm_features,
+    lm_features_argmax,
+    logp_at,
     pre_features,
 )
 from fairseq_knnlm.adaptive.lambda_model import mix_log_probs_full
@@ -45,7 +45,7 @@ from fairseq_knnlm.adaptive.pointers import SKIP, count_modes, next_pointers
 from fairseq_knnlm.errors import FlagError, KNNLMError
 from fairseq_knnlm.flags import canonical_keytype, check_flags
 from fairseq_knnlm.plugin.cache_scorer import CacheScorer
-from fairseq_knnlm.plugin.hooks import KeyCapture, find_decoder
+from fairseq_knnlm.plugin.hooks import attach_key_capture
 from fairseq_knnlm.plugin.knn_scorer import KNNScorer
 from fairseq_knnlm.scoring.cache import cache_log_probs_full, interpolate_cache
 from fairseq_knnlm.scoring.knn import interpolate, knn_log_probs_full
@@ -137,11 +137,7 @@ class KNNGeneration:
         keytype = canonical_keytype(t.knn_keytype)
         self.knn = KNNScorer(t) if t.knnlm else None
         self.cache = CacheScorer(t) if t.knn_cache else None
-        try:
-            self.capture = KeyCapture(model, keytype)
-        except ValueError as e:
-            raise FlagError(f"--knn-keytype: {e}") from None
-        self.num_layers = len(find_decoder(model).layers)
+        self.capture, self.num_layers = attach_key_capture(model, keytype)
         if self.knn is not None:
             ckpt = checkpoint or "(checkpoint)"
             model_sha = sha256_file(checkpoint) if checkpoint and Path(checkpoint).exists() \
@@ -278,11 +274,12 @@ class KNNGeneration:
         knn, t, ret = self.knn, self.t, self.knn.retriever
         n = len(q)
         prev = tokens[:, -1].long().cpu()
-        x = None
+        x = lm_top = None
         skip = ~search
         lam_model = knn.lambda_model
         if lam_model is not None:
-            x = pre_features(lm_features(lm), prev, lam_model.freq)
+            lm_feats, lm_top = lm_features_argmax(lm)
+            x = pre_features(lm_feats, prev, lam_model.freq)
             if knn.skip_below > 0:
                 skip = skip | (lam_model.gate_lambdas(x, n) < knn.skip_below).numpy()
         if knn.policy is None:
@@ -319,8 +316,8 @@ class KNNGeneration:
             agree = lam_model.needs_agreement
             nv = r.nbr_vals.to(lm.device)
             x.update(knn_features(r.dists, t.knn_temp, r.nbr_vals,
-                                  lm.gather(1, nv.clamp_min(0)).masked_fill(nv < 0, 0.0)
-                                  if agree else None, lm_argmax(lm) if agree else None))
+                                  logp_at(lm, nv) if agree else None,
+                                  lm_top if agree else None))
             if lam_model.temps:
                 comps = torch.stack([knn_log_probs_full(r.dists, r.nbr_vals, self.vocab, tt,
                                                         r.valid).to(lm.device)

@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
+from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.flags import DEFAULT_KEYTYPE, parse_keytype
 
 logger = logging.getLogger(__name__)
@@ -126,3 +127,13 @@ def capture_keys(model: nn.Module, keytype: str,
     with KeyCapture(model, keytype) as cap:
         run()
         return cap.pop()
+
+
+def attach_key_capture(model: nn.Module, keytype: str) -> tuple[KeyCapture, int]:
+    """The key hook of ``keytype`` on ``model`` and its decoder's layer count; a layer or
+    state the model does not have is a FlagError naming --knn-keytype."""
+    try:
+        capture = KeyCapture(model, keytype)
+    except ValueError as e:
+        raise FlagError(f"--knn-keytype: {e}") from None
+    return capture, len(find_decoder(model).layers)

@@ -42,7 +42,7 @@ from fairseq_knnlm.plugin.batch import (
 )
 from fairseq_knnlm.plugin.cache_scorer import CacheScorer
 from fairseq_knnlm.plugin.dump import DumpWriter
-from fairseq_knnlm.plugin.hooks import KeyCapture, find_decoder
+from fairseq_knnlm.plugin.hooks import KeyCapture, attach_key_capture
 from fairseq_knnlm.plugin.knn_scorer import KNNScorer
 from fairseq_knnlm.plugin.neighbour_saver import NeighbourSaver
 from fairseq_knnlm.plugin.run import RunInfo
@@ -104,11 +104,7 @@ class KNNEvalRuntime:
         if self.capture is not None:
             raise FlagError("kNN-LM options do not support ensembles: one model only")
         self.task = task
-        try:
-            self.capture = KeyCapture(model, self.run.keytype)
-        except ValueError as e:  # a layer or state this model does not have
-            raise FlagError(f"--knn-keytype: {e}") from None
-        self.num_layers = len(find_decoder(model).layers)
+        self.capture, self.num_layers = attach_key_capture(model, self.run.keytype)
         dictionary = task.target_dictionary
         self.dict_sha = dictionary_sha256(list(dictionary.symbols))
         self.dict_size = len(dictionary)

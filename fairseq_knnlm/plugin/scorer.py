@@ -18,7 +18,7 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
-from fairseq_knnlm.adaptive.lambda_features import lm_features_argmax
+from fairseq_knnlm.adaptive.lambda_features import lm_features_argmax, logp_at
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.plugin.runtime import active_runtime
 
@@ -108,9 +108,7 @@ class KNNSequenceScorer(SequenceScorer):
 def lm_logp_kept(kept: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
                  ) -> torch.Tensor:
     """``lm_logp_at`` from the batch's kept full log-distributions ``kept`` (n, V)."""
-    tok = tokens.to(kept.device).long()
-    rows = kept[positions.to(kept.device).long()]
-    return rows.gather(-1, tok.clamp_min(0)).float().masked_fill(tok < 0, 0.0)
+    return logp_at(kept[positions.to(kept.device).long()], tokens.to(kept.device).long())
 
 
 @torch.no_grad()
@@ -126,5 +124,5 @@ def lm_logp_at(model: torch.nn.Module, feats: torch.Tensor, extra: tuple, rows: 
         e = min(len(pos), s + rows)
         probs = model.get_normalized_probs((feats[pos[s:e]].unsqueeze(0),) + extra,
                                            log_probs=True, sample=None)[0]
-        out[s:e] = probs.gather(-1, tok[s:e].clamp_min(0)).float().masked_fill(tok[s:e] < 0, 0.0)
+        out[s:e] = logp_at(probs, tok[s:e])
     return out
