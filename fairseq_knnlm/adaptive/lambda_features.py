@@ -53,13 +53,36 @@ def logp_at(logp: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return logp.gather(-1, tokens.clamp_min(0)).float().masked_fill(tokens < 0, 0.0)
 
 
-def lm_features_argmax(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def logp_at_rows(logp: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``logp_at(logp[rows], tokens)`` without copying the rows (m, V): one flat gather."""
+    flat = logp.contiguous().view(-1)
+    at = rows.long()[:, None] * logp.shape[-1] + tokens.clamp_min(0)
+    return flat[at].float().masked_fill(tokens < 0, 0.0)
+
+
+def lm_features_argmax(logp: torch.Tensor, rows: int = 128
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``lm_features`` and the argmax (n,) int64 (the first of ties, as torch.max) of the same
-    distributions, with one max."""
-    lp = logp.float()
-    ent = torch.special.entr(lp.exp()).sum(-1)
-    mx = lp.max(-1)
-    return torch.stack([ent, mx.values], dim=1), mx.indices
+    distributions, with one max.
+
+    The entropy is -sum_v p log p with log p the given log-distribution (one exp per entry,
+    no log: 3x faster than ``torch.special.entr`` over a 14K vocabulary), ``rows`` rows at a
+    time so that the temporaries stay in cache; rows with -inf entries (p = 0) take
+    ``entr``'s 0 log 0 = 0 instead of 0 * -inf."""
+    n = logp.shape[0]
+    ent = torch.empty(n, dtype=torch.float32, device=logp.device)
+    mx = torch.empty(n, dtype=torch.float32, device=logp.device)
+    top = torch.empty(n, dtype=torch.long, device=logp.device)
+    for s in range(0, n, rows):
+        lp = logp[s:s + rows].float()
+        m = lp.max(-1)
+        mx[s:s + rows], top[s:s + rows] = m.values, m.indices
+        e = lp.exp().mul_(lp).sum(-1).neg_()
+        bad = torch.isnan(e)
+        if bool(bad.any()):
+            e[bad] = torch.special.entr(lp[bad].exp()).sum(-1)
+        ent[s:s + rows] = e
+    return torch.stack([ent, mx], dim=1), top
 
 
 def freq_table(vals: np.ndarray, vocab_size: int, chunk: int = 1 << 24) -> np.ndarray:

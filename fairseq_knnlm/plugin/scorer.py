@@ -18,7 +18,7 @@ import torch
 from fairseq import utils
 from fairseq.sequence_scorer import SequenceScorer
 
-from fairseq_knnlm.adaptive.lambda_features import lm_features_argmax, logp_at
+from fairseq_knnlm.adaptive.lambda_features import lm_features_argmax, logp_at, logp_at_rows
 from fairseq_knnlm.errors import FlagError
 from fairseq_knnlm.plugin.runtime import active_runtime
 
@@ -45,11 +45,13 @@ class KNNSequenceScorer(SequenceScorer):
                             with_features: bool = False) -> list:
         """fairseq's hypotheses for the scored positions; ``with_features`` adds, per
         hypothesis, ``lm_features`` (n, 2): the entropy and the max log-prob of p_LM there
-        (lambda_model.lm_features), and ``lm_argmax`` (n,), read off the same distributions (an
-        adaptive softmax computes every cluster for them: given targets it fills only the
-        targets' clusters); the first hypothesis also gets ``lm_logp_at``, a function giving
-        log p_LM of any tokens at the batch's scored positions (``lm_logp_at``), each
-        hypothesis its first position's ``lm_offset`` there."""
+        (lambda_model.lm_features), and ``lm_argmax`` (n,), read off the same distributions:
+        then one call without targets computes every cluster of an adaptive softmax (given
+        targets it fills only the targets' clusters), and the targets' log-probs are read
+        from it too (the same numbers as the targets-only call); the first hypothesis also
+        gets ``lm_logp_at``, a function giving log p_LM of any tokens at the batch's scored
+        positions (``lm_logp_at``), each hypothesis its first position's ``lm_offset``
+        there."""
         model.eval()
         decoder_out = model(**sample["net_input"])
         target = sample["target"]
@@ -63,22 +65,20 @@ class KNNSequenceScorer(SequenceScorer):
         lmf = feats.new_empty((len(tgt), 2), dtype=torch.float32) if with_features else None
         top = torch.empty(len(tgt), dtype=torch.long, device=feats.device) if with_features \
             else None
-        adaptive = getattr(getattr(model, "decoder", None), "adaptive_softmax", None) is not None
         kept: torch.Tensor | None = None  # (n, V) the full log-distributions, if they fit
         for s in range(0, len(tgt), rows):
             e = min(len(tgt), s + rows)
+            # given targets, an adaptive softmax fills only their clusters' log-probs; the
+            # features need every cluster: then one call without targets gives both (the
+            # targets' log-probs are the same numbers: tests/offline/test_lambda_replay.py)
             probs = model.get_normalized_probs(
                 (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
-                sample={"target": tgt[s:e].unsqueeze(0)})
+                sample=None if lmf is not None else {"target": tgt[s:e].unsqueeze(0)})
             lp[s:e] = probs[0].gather(-1, tgt[s:e].unsqueeze(-1)).squeeze(-1).float()
             if lmf is not None:
-                if adaptive:  # given targets, it fills only their clusters' log-probs
-                    probs = model.get_normalized_probs(
-                        (feats[s:e].unsqueeze(0),) + tuple(decoder_out[1:]), log_probs=True,
-                        sample=None)
                 assert top is not None
-                lmf[s:e], top[s:e] = lm_features_argmax(probs[0])
                 full = probs[0]
+                lmf[s:e], top[s:e] = lm_features_argmax(full)
                 if s == 0 and len(tgt) * full.shape[-1] * 4 <= LM_LOGP_KEEP_BYTES:
                     kept = full.new_empty((len(tgt), full.shape[-1]), dtype=torch.float32)
                 if kept is not None:
@@ -108,7 +108,7 @@ class KNNSequenceScorer(SequenceScorer):
 def lm_logp_kept(kept: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
                  ) -> torch.Tensor:
     """``lm_logp_at`` from the batch's kept full log-distributions ``kept`` (n, V)."""
-    return logp_at(kept[positions.to(kept.device).long()], tokens.to(kept.device).long())
+    return logp_at_rows(kept, positions.to(kept.device), tokens.to(kept.device).long())
 
 
 @torch.no_grad()

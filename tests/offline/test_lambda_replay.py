@@ -136,6 +136,10 @@ def test_scorer_features_equal_the_full_distribution(tiny, tmp_path, adaptive):
     assert torch.allclose(got, lm_features(full), atol=1e-5)
     lp = torch.cat([h[0]["positional_scores"] for h in hypos])
     assert torch.allclose(lp, full.gather(1, tgt.reshape(-1, 1))[:, 0], atol=1e-5)
+    # with features the targets' log-probs come from the one full call (an adaptive softmax
+    # otherwise fills only the targets' clusters): the same numbers as without features
+    plain = KNNSequenceScorer(d)._score_targets_only(m, sample, False)
+    assert torch.equal(lp, torch.cat([h[0]["positional_scores"] for h in plain]))
     # log p_LM at other tokens (the agreement features): from the kept distributions, and
     # recomputed where they would not fit, both equal to the full distribution
     import fairseq_knnlm.plugin.scorer as scorer_mod
