@@ -116,11 +116,17 @@ def main() -> None:
         "ivfpq", knn("ivfpq", *lam_mlp, "--knn-skip-below", str(a.skip_below)))
     rows[f"ivfpq: λ MLP for pointers 1, stream {s}"] = (
         "ivfpq", knn("ivfpq", *lam_ptr, *ptr, "1", "--knn-stream-len", s))
+    for index in ("ivfpq", "fastscan"):  # fewer candidates per cluster step
+        rows[f"{index}: clusters 512, stream {s}, limit 1024"] = (
+            index, knn(index, *ptr, "512", *cl, "--knn-stream-len", s,
+                       "--knn-clusters-limit", "1024"))
     rows["fastscan: full search, probe 8"] = ("fastscan", knn("fastscan", probe=8))
     rows[f"fastscan: clusters 512, stream {s}, probe 8"] = (
         "fastscan", knn("fastscan", *ptr, "512", *cl, "--knn-stream-len", s, probe=8))
     rows["fastscan: full search, FAISS distances"] = (
         "fastscan", knn("fastscan", "--knn-sim-func", "faiss_l2"))
+    rows["fastscan: full search, FAISS distances, probe 16"] = (
+        "fastscan", knn("fastscan", "--knn-sim-func", "faiss_l2", probe=16))
     rows["rabitq: full search"] = ("rabitq", knn("rabitq"))
     rows[f"rabitq: pointers 64, stream {s}"] = ("rabitq", knn("rabitq", *ptr, "64",
                                                                "--knn-stream-len", s))

@@ -219,6 +219,13 @@ def check_flags(t: Any) -> None:
              "--knn-stream-len splits the pointers' streams: it needs --knnlm --knn-pointers")
     _require(not t.knn_clusters or (t.knnlm and t.knn_pointers),
              "--knn-clusters extends the pointers: it needs --knnlm --knn-pointers")
+    _require(not t.knn_clusters_limit or bool(t.knn_clusters),
+             "--knn-clusters-limit caps the clusters' candidates: it needs --knn-clusters")
+    _require(t.knn_clusters_limit >= 0,
+             f"--knn-clusters-limit must be >= 0 (0: 2 x --k), got {t.knn_clusters_limit}")
+    _require(not (t.knn_clusters_limit and t.knn_lambda_model),
+             "--knn-clusters-limit: lambda models are fitted for the default limit (2 x --k): "
+             "drop --knn-clusters-limit or --knn-lambda-model")
     if t.knn_cache:
         require_lambda(t.cache_lmbda, "--cache-lmbda")
         require_temperature(t.cache_theta, "--cache-theta")
@@ -277,3 +284,7 @@ def same_key_state(a: str, b: str, num_layers: int) -> bool:
         return False
 
 
+def clusters_limit(k: int, limit: int = 0) -> int:
+    """The most candidates the clusters give a token (--knn-clusters-limit, sweep's
+    --clusters-limit): ``limit``, or 2 x k for 0 (RetoMaton's, the default)."""
+    return int(limit) if limit > 0 else 2 * int(k)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, TypeVar
 
 from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.flags import clusters_limit
 from fairseq_knnlm.offline.neighbours import load_neighbors
 from fairseq_knnlm.offline.sweep import (
     DISTS,
@@ -118,6 +119,9 @@ def get_parser() -> argparse.ArgumentParser:
                    help="with --pointer-thresholds: replay --knn-clusters PREFIX; with "
                         "--lambda-model: the clusters of a model fitted with them (default: "
                         "the prefix it was fitted with)")
+    p.add_argument("--clusters-limit", type=int, default=0,
+                   help="with --pointer-thresholds --clusters: replay --knn-clusters-limit N "
+                        "(the most candidates per token; 0: 2 x k, the default)")
     p.add_argument("--lambda-model", default=None,
                    help="replay this knnlm-fit-lambda model (with --skip-below) instead of "
                         "sweeping fixed lambdas")
@@ -235,7 +239,8 @@ def run_replay(args: argparse.Namespace) -> tuple[list[dict[str, Any]], int]:
     if args.clusters:
         from fairseq_knnlm.adaptive.pointers import load_clusters
 
-        clusters = load_clusters(args.clusters, ds, limit=2 * int(nb.meta["k"]),
+        clusters = load_clusters(args.clusters, ds,
+                                 limit=clusters_limit(int(nb.meta["k"]), args.clusters_limit),
                                  flag="--clusters")
     return replay_pointers(nb, ds, args.pointer_thresholds, args.lambdas, args.temps,
                            clusters=clusters), nb.n
@@ -376,6 +381,12 @@ def lambda_main(args: argparse.Namespace) -> int:
 def cli_main(argv: Optional[list[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s | %(levelname)s | %(message)s")
+    if args.clusters_limit and (args.clusters is None or args.pointer_thresholds is None
+                                or args.clusters_limit < 0):
+        print("knnlm-sweep: error: --clusters-limit (>= 1; 0: 2 x k) caps the replayed "
+              "clusters' candidates: it needs --pointer-thresholds and --clusters",
+              file=sys.stderr)
+        return 2
     if args.lambda_model is not None:
         if not args.neighbors or args.from_json or args.pointer_thresholds is not None:
             print("knnlm-sweep: error: --lambda-model needs a neighbours prefix (not "

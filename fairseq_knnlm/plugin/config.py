@@ -96,6 +96,10 @@ class KNNLMOptions:
         "help": "with --knn-pointers: cluster files (knnlm-clusters) "
                 "so that each pointer stands for the members of its cluster (RetoMaton); "
                 "--knn-min-pointers then counts these candidates"})
+    knn_clusters_limit: int = field(default=0, metadata={
+        "help": "with --knn-clusters: at most this many candidates per token (its pointers, "
+                "then their clusters' members), each measured exactly at a pointer step; "
+                "fewer cost less per step. 0: 2 x --k (RetoMaton's)"})
     # ---- adaptive lambda (Drozdov et al. 2022, He et al. 2021) ----
     knn_lambda_model: Optional[str] = field(default=None, metadata={
         "help": "a lambda per token from this model (knnlm-fit-lambda) instead of --lmbda; "

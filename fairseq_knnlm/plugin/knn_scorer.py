@@ -25,7 +25,12 @@ from fairseq_knnlm.adaptive.pointers import (
     split_streams,
 )
 from fairseq_knnlm.errors import FlagError
-from fairseq_knnlm.flags import check_dstore_size, normalize_sim_func, same_key_state
+from fairseq_knnlm.flags import (
+    check_dstore_size,
+    clusters_limit,
+    normalize_sim_func,
+    same_key_state,
+)
 from fairseq_knnlm.plugin.batch import Batch
 from fairseq_knnlm.scoring.knn import interpolate
 from fairseq_knnlm.search.retriever import KNNRetriever, Retrieved
@@ -61,7 +66,9 @@ class KNNScorer:
         if t.knn_pointers:
             self.policy = MinPointers(t.knn_min_pointers)
             if t.knn_clusters:
-                self.clusters = load_clusters(t.knn_clusters, self.retriever.ds, limit=2 * t.k)
+                self.clusters = load_clusters(
+                    t.knn_clusters, self.retriever.ds,
+                    limit=clusters_limit(t.k, getattr(t, "knn_clusters_limit", 0)))
             if t.knn_min_pointers > t.k and not t.knn_clusters:
                 logger.info("--knn-min-pointers %d > --k %d: every token is searched (the "
                             "pointers are only followed to be saved)", t.knn_min_pointers, t.k)

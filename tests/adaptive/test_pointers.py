@@ -477,6 +477,26 @@ def test_clusters_online_equal_replay(tiny, dstore, tmp_path, caplog):
     for r in json.loads(out.read_text())["rows"]:
         ppl, searches = online[r["min_pointers"], True]
         assert r["searches"] == searches and r["ppl"] == pytest.approx(ppl, rel=1e-5), r
+    # --knn-clusters-limit: fewer candidates per token (at most 10 here against 2k = 16),
+    # online = replay with --clusters-limit; the default limit (0) is 2k exactly
+    assert cli_main([str(prefix), "--pointer-thresholds", "4", "--lambdas", "0.3", "--temps",
+                     "2", "--clusters", str(cl), "--clusters-limit", "16", "--json",
+                     str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["searches"] == online[4, True][1]
+    assert r["ppl"] == pytest.approx(online[4, True][0], rel=1e-5)
+    res = eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", "4",
+                                      "--knn-clusters", str(cl), "--knn-clusters-limit", "16"))
+    assert (res["perplexity"], _searches(caplog)[0]) == online[4, True]
+    res = eval_lm_inprocess(eval_args(tiny, "valid", *knn, "--knn-min-pointers", "4",
+                                      "--knn-clusters", str(cl), "--knn-clusters-limit", "10"))
+    limited = (res["perplexity"], _searches(caplog)[0])
+    assert limited != online[4, True]
+    assert cli_main([str(prefix), "--pointer-thresholds", "4", "--lambdas", "0.3", "--temps",
+                     "2", "--clusters", str(cl), "--clusters-limit", "10", "--json",
+                     str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["searches"] == limited[1] and r["ppl"] == pytest.approx(limited[0], rel=1e-5), r
     with pytest.raises(FlagError, match="--knn-clusters .* another datastore"):
         from fairseq_knnlm.adaptive.pointers import load_clusters
         from fairseq_knnlm.store.datastore import open_datastore
@@ -546,6 +566,13 @@ def _opts(**flags):
     ({"knnlm": True, "dstore_filename": "d"}, "--indexfile INDEX (or --knn-torch-exact)"),
     ({"knn_clusters": "c"}, "--knn-clusters extends the pointers: it needs --knnlm"),
     ({"knn_stream_len": 32}, "--knn-stream-len splits the pointers' streams: it needs"),
+    ({"knn_clusters_limit": 64}, "--knn-clusters-limit caps the clusters' candidates: it needs "
+     "--knn-clusters"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_pointers": True,
+      "knn_clusters": "c", "knn_clusters_limit": -1}, "--knn-clusters-limit must be >= 0"),
+    ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_pointers": True,
+      "knn_clusters": "c", "knn_clusters_limit": 64, "knn_lambda_model": "m.npz"},
+     "--knn-clusters-limit: lambda models are fitted for the default limit"),
     ({"knnlm": True, "dstore_filename": "d", "indexfile": "i", "knn_pointers": True,
       "knn_stream_len": -2}, "--knn-stream-len must be >= 0 (0: a row is one stream), got -2"),
     ({"knnlm": True, "dstore_filename": "d", "knn_torch_exact": True, "no_load_keys": True,
@@ -598,3 +625,16 @@ def test_code_distances_are_faiss_distances(factory):
     tol = 0.05 if "fs" in factory else 1e-4
     np.testing.assert_allclose(got[ok], fd[ok], rtol=tol, atol=tol)
     assert np.isinf(got[~ok]).all()
+
+
+def test_sweep_clusters_limit_needs_a_clusters_replay(tmp_path, capsys):
+    """One line naming the flag, before any file is read."""
+    from fairseq_knnlm.cli.sweep import cli_main
+
+    missing = str(tmp_path / "none")
+    for argv in ([missing, "--clusters-limit", "64"],
+                 [missing, "--pointer-thresholds", "4", "--clusters-limit", "64"],
+                 [missing, "--pointer-thresholds", "4", "--clusters", "c",
+                  "--clusters-limit", "-3"]):
+        assert cli_main(argv) == 2
+        assert "--clusters-limit (>= 1; 0: 2 x k) caps" in capsys.readouterr().err
