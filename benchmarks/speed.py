@@ -35,7 +35,6 @@ from pointer_curve import (  # noqa: E402
     add_run_args,
     build_once,
     clusters_once,
-    finish_plot,
     parse_run,
     sh,
 )
@@ -222,18 +221,23 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     import matplotlib.pyplot as plt
 
     pts = [(r["vs_stock"], r["ppl"], r["row"]) for r in result["rows"] if r["index"]]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(11, 5))
     colors = {"ivfpq": "tab:blue", "fastscan": "tab:orange", "rabitq": "tab:green"}
-    for r in result["rows"]:
-        if r["index"]:
-            ax.scatter(r["vs_stock"], r["ppl"], color=colors.get(r["index"], "gray"), s=18)
-            ax.annotate(r["row"].split(": ", 1)[1], (r["vs_stock"], r["ppl"]), fontsize=6,
-                        xytext=(3, 2), textcoords="offset points")
     front, best = [], float("inf")  # the Pareto front: faster and no worse
-    for x, y, _ in sorted(pts, key=lambda p: -p[0]):
+    for x, y, name in sorted(pts, key=lambda p: -p[0]):
         if y < best:
-            front.append((x, y))
+            front.append((x, y, name))
             best = y
+    on_front = {name for *_, name in front}
+    key = []  # every point numbered; the key beside the plot names them
+    for i, r in enumerate([r for r in result["rows"] if r["index"]], 1):
+        ax.scatter(r["vs_stock"], r["ppl"], color=colors.get(r["index"], "gray"), s=18)
+        ax.annotate(str(i), (r["vs_stock"], r["ppl"]), fontsize=7, xytext=(3, 2),
+                    textcoords="offset points",
+                    fontweight="bold" if r["row"] in on_front else "normal")
+        key.append(f"{i:>2} {r['row']}" + (" *" if r["row"] in on_front else ""))
+    fig.text(0.70, 0.5, "\n".join(key + ["", "* on the Pareto front"]), fontsize=6.5,
+             family="monospace", va="center")
     for index, color in colors.items():  # one legend entry per index
         if any(r["index"] == index for r in result["rows"]):
             ax.scatter([], [], color=color, s=18, label=index)
@@ -242,7 +246,11 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{label}: speed against perplexity", fontsize=9)
-    finish_plot(fig, ax, path)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout(rect=(0, 0, 0.68, 1))  # the key on the right
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
