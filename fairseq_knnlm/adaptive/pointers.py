@@ -173,6 +173,9 @@ class StreamResults:
     modes: np.ndarray  # (n,) int8 SEARCH / POINTERS / SKIP
     n_pointers: np.ndarray  # (n,) live pointers before each step
     final: list[np.ndarray]  # per stream: the pointers after its last token
+    # (n, k) the neighbours' values (-1 padded), gathered once for the next pointers: the
+    # retriever's p_kNN reads them instead of gathering again (None: not kept)
+    vals: Optional[np.ndarray] = None
 
 
 def run_streams(starts: Sequence[int], lengths: Sequence[int],
@@ -204,6 +207,7 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     out_ids = np.full((n, k), -1, dtype=np.int64)
     out_fd = np.full((n, k), np.inf, dtype=np.float32)
     out_d = torch.full((n, k), float("inf"), dtype=torch.float32)
+    out_v = np.full((n, k), -1, dtype=vals.dtype)
     modes = np.zeros(n, dtype=np.int8)
     n_ptr = np.zeros(n, dtype=np.int64)
     ptrs = np.full((num, k), -1, dtype=np.int64)  # each stream's live pointers
@@ -237,6 +241,7 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
             out_d[idx[sel]] = d.float().cpu()
             t2 = clock()  # the search function times itself
             nv = np.where(ids >= 0, vals[np.where(ids >= 0, ids, 0)], -1)
+            out_v[idx[sel]] = nv
             ptrs[rows[sel]] = next_pointers(ids, nv, tgt[idx[sel]], continues)
             t1 = clock()
             t_book += t1 - t2
@@ -250,6 +255,7 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
             t2 = clock()
             t_ptr += t2 - t1
             nv = np.where(p >= 0, vals[np.where(p >= 0, p, 0)], -1)
+            out_v[idx[sel], :w] = nv
             ptrs[on_ptrs] = -1
             ptrs[on_ptrs, :w] = next_pointers(p, nv, tgt[idx[sel]], continues)
             t_book += clock() - t2
@@ -258,7 +264,7 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         timing["pointer_bookkeeping"] = timing.get("pointer_bookkeeping", 0.0) + t_book
     final = [ptrs[r][ptrs[r] >= 0] for r in range(num)]
     return StreamResults(ids=out_ids, faiss_dists=out_fd, dists=out_d, modes=modes,
-                         n_pointers=n_ptr, final=final)
+                         n_pointers=n_ptr, final=final, vals=out_v)
 
 
 def split_streams(row_lengths: Sequence[int], stream_len: int

@@ -210,6 +210,27 @@ def test_pointers_follow_the_datastore_stream_and_stop_at_its_end(synth):
             assert res.dists[i, 0] == 0 and res.ids[i, 0] == r
 
 
+def test_stream_results_keep_the_neighbours_values(synth):
+    """The values the stepping gathers for the next pointers (StreamResults.vals, which the
+    retriever's p_kNN reads instead of gathering again) are the values of the returned ids,
+    -1 where there is none: searched, pointer and skipped tokens alike."""
+    rng = np.random.default_rng(3)
+    rows = np.concatenate([np.arange(280, 320), rng.integers(0, 500, 40)])
+    q = torch.from_numpy(synth["keys"][rows] + 0.01)
+    tg = synth["vals"][rows]
+    skip = np.zeros(len(rows), dtype=bool)
+    skip[::7] = True
+    search, dist = _brute(synth, q, 4)
+    for policy, preset in ((MinPointers(1), None), (MinPointers(3), None),
+                           (MinPointers(1), skip)):
+        res = run_streams([0, 40], [40, 40], [None, None], tg, lambda i: q[torch.from_numpy(i)],
+                          search, dist, synth["vals"], synth["cont"], 4, policy,
+                          preset_skip=preset)
+        assert {SEARCH, POINTERS} <= set(res.modes.tolist())
+        want = np.where(res.ids >= 0, synth["vals"][np.where(res.ids >= 0, res.ids, 0)], -1)
+        assert res.vals is not None and np.array_equal(res.vals, want)
+
+
 def test_a_gate_skip_leaves_pointer_tokens_their_pointers(synth):
     """A lambda model's gate (preset_skip) decides only the tokens the policy would search:
     a token scored from its pointers keeps them (once it dropped them, and the searches
