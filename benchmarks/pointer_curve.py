@@ -81,13 +81,14 @@ def clusters_once(dstore: Path, prefix: Path, num_clusters: int) -> None:
             "--num-clusters", str(num_clusters)])
 
 
-def finish_plot(fig: Any, ax: Any, path: Path) -> None:
-    """Grid, legend, layout; write the figure and close it."""
+def finish_plot(fig: Any, ax: Any, path: Path,
+                rect: tuple[float, float, float, float] = (0, 0, 1, 1)) -> None:
+    """Grid, legend, layout within ``rect`` of the figure; write the figure and close it."""
     import matplotlib.pyplot as plt
 
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

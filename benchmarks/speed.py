@@ -35,6 +35,7 @@ from pointer_curve import (  # noqa: E402
     add_run_args,
     build_once,
     clusters_once,
+    finish_plot,
     parse_run,
     sh,
 )
@@ -246,11 +247,7 @@ def plot(result: dict[str, Any], path: Path, label: str) -> None:
     ax.set_xlabel("tokens/s as a ratio to stock fairseq-eval-lm (same run)")
     ax.set_ylabel("perplexity")
     ax.set_title(f"{label}: speed against perplexity", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout(rect=(0, 0, 0.68, 1))  # the key on the right
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_plot(fig, ax, path, rect=(0, 0, 0.68, 1))  # the key on the right
 
 
 if __name__ == "__main__":

@@ -174,8 +174,8 @@ class StreamResults:
     n_pointers: np.ndarray  # (n,) live pointers before each step
     final: list[np.ndarray]  # per stream: the pointers after its last token
     # (n, k) the neighbours' values (-1 padded), gathered once for the next pointers: the
-    # retriever's p_kNN reads them instead of gathering again (None: not kept)
-    vals: Optional[np.ndarray] = None
+    # retriever's p_kNN reads them instead of gathering again
+    vals: np.ndarray
 
 
 def run_streams(starts: Sequence[int], lengths: Sequence[int],

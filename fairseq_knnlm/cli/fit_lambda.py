@@ -43,6 +43,7 @@ from fairseq_knnlm.adaptive.lambda_model import KINDS
 from fairseq_knnlm.adaptive.pointers import load_clusters
 from fairseq_knnlm.cli.sweep import floats
 from fairseq_knnlm.errors import FlagError, KNNLMError
+from fairseq_knnlm.flags import clusters_limit
 from fairseq_knnlm.offline.lambda_replay import (
     datastore_values,
     fit_model,
@@ -146,7 +147,7 @@ def cli_main(argv: Optional[list[str]] = None) -> int:
             inp = token_inputs(nb, freq, k, temp, args.dist, vals=vals, temps=temps)
         else:
             ds = open_pass_datastore(nb, args.dstore, load_keys=True)
-            clusters = (load_clusters(args.clusters, ds, limit=2 * k) if args.clusters
+            clusters = (load_clusters(args.clusters, ds, limit=clusters_limit(k)) if args.clusters
                         else None)
             inp = pointer_token_inputs(nb, ds, freq, k, temp, args.min_pointers, temps,
                                        clusters=clusters)

@@ -317,7 +317,8 @@ def run_lambda_model(args: argparse.Namespace) -> dict[str, Any]:
             if not prefix:
                 raise FlagError("the lambda model was fitted with --knn-clusters: pass "
                                 "--clusters PREFIX")
-            clusters = load_clusters(prefix, ds, limit=2 * model.k, flag="--clusters")
+            clusters = load_clusters(prefix, ds, limit=clusters_limit(model.k),
+                                     flag="--clusters")
         rows = replay_with_pointers(nb, ds, model, args.skip_below, clusters)
     fixed = sweep(nb, sorted(set(args.lambdas) | {0.0}), [model.k], [model.temperature],
                   dist=model.dist)

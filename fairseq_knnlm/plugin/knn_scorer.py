@@ -68,7 +68,7 @@ class KNNScorer:
             if t.knn_clusters:
                 self.clusters = load_clusters(
                     t.knn_clusters, self.retriever.ds,
-                    limit=clusters_limit(t.k, getattr(t, "knn_clusters_limit", 0)))
+                    limit=clusters_limit(t.k, t.knn_clusters_limit))
             if t.knn_min_pointers > t.k and not t.knn_clusters:
                 logger.info("--knn-min-pointers %d > --k %d: every token is searched (the "
                             "pointers are only followed to be saved)", t.knn_min_pointers, t.k)

@@ -350,11 +350,9 @@ class KNNRetriever:
         res = self.run_streams(queries, targets, starts, lengths, init, policy, expand,
                                preset_skip)
         dev = queries.device
-        if res.vals is not None:  # gathered by the stepping already (= self.values: tested)
-            nbr_vals = torch.from_numpy(res.vals).to(dev)
-            valid = torch.from_numpy(res.ids >= 0).to(dev)
-        else:
-            nbr_vals, valid = self.values(res.ids, dev)
+        # the values were gathered by the stepping already (= self.values: tested)
+        nbr_vals = torch.from_numpy(res.vals).to(dev)
+        valid = torch.from_numpy(res.ids >= 0).to(dev)
         r = Retrieved(ids=res.ids, faiss_dists=res.faiss_dists, dists=res.dists.to(dev),
                       nbr_vals=nbr_vals, valid=valid, modes=res.modes,
                       n_pointers=res.n_pointers)
