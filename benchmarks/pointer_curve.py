@@ -70,7 +70,7 @@ def build_once(dstore: Path, index: Path, kind: str, a: argparse.Namespace) -> N
     code = ["--code-size", "64"] if kind != "ivf-rabitq" else []
     sh([str(BIN / "knnlm-build-index"), "--dstore-mmap", str(dstore), "--faiss-index",
         str(index), "--index-type", kind, "--ncentroids", str(a.ncentroids), *code,
-        "--train-size", "1000000", "--probe", str(a.probe), "--seed", "1"])
+        "--train-size", str(a.index_train_size), "--probe", str(a.probe), "--seed", "1"])
 
 
 def clusters_once(dstore: Path, prefix: Path, num_clusters: int) -> None:
@@ -104,6 +104,8 @@ def add_run_args(ap: argparse.ArgumentParser, subset: str, lmbda: float, temp: f
     ap.add_argument("--lmbda", type=float, default=lmbda)
     ap.add_argument("--temp", type=float, default=temp)
     ap.add_argument("--ncentroids", type=int, default=512, help="fast-scan index lists")
+    ap.add_argument("--index-train-size", type=int, default=1000000,
+                    help="keys the fast-scan (and RaBitQ) index is trained on")
     ap.add_argument("--num-clusters", type=int, default=2000)
     ap.add_argument("--repeats", type=int, default=repeats)
     ap.add_argument("--label", default="WikiText-2 quick (QUICK=1)")

@@ -41,29 +41,50 @@ from pointer_curve import (  # noqa: E402
 )
 
 
-def prepare(a: argparse.Namespace, run: Path, out: Path, base: list[str],
-            knn: Any) -> dict[str, Path]:
-    """The fast-scan index, the clusters and the lambda models (built once into OUT)."""
+def artifacts(a: argparse.Namespace, out: Path) -> dict[str, Path]:
+    """Where the prepared indexes, clusters and lambda models live (built by ``prepare``)."""
+    return {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
+            "clusters": out / f"clusters_c{a.num_clusters}",
+            "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
+
+
+def prepare(a: argparse.Namespace, run: Path, got: dict[str, Path], base: list[str],
+            knn: Any, needed: set[str]) -> None:
+    """Build into OUT the ``needed`` ones of ``got`` that are missing: the fast-scan and
+    RaBitQ indexes, the clusters, the lambda models."""
     dstore = run / "dstore" / "train"
-    got = {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
-           "clusters": out / f"clusters_c{a.num_clusters}",
-           "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
-    build_once(dstore, got["fastscan"], "ivfpq-fastscan", a)
-    build_once(dstore, got["rabitq"], "ivf-rabitq", a)
-    clusters_once(dstore, got["clusters"], a.num_clusters)
+    if "fastscan" in needed:
+        build_once(dstore, got["fastscan"], "ivfpq-fastscan", a)
+    if "rabitq" in needed:
+        build_once(dstore, got["rabitq"], "ivf-rabitq", a)
+    if "clusters" in needed:
+        clusters_once(dstore, got["clusters"], a.num_clusters)
     for name, extra, fit in (
             ("lam_mlp", [], []),
             ("lam_ptr1", ["--knn-stream-len", str(a.stream_len)], ["--min-pointers", "1"])):
-        if got[name].exists():
+        if name not in needed or got[name].exists():
             continue
-        nbrs = out / f"nbrs_valid_{name}"
+        nbrs = got[name].parent / f"nbrs_valid_{name}"
         print(f"saving a valid pass and fitting {got[name].name}", flush=True)
         sh([str(BIN / "fairseq-eval-lm"), *[x if x != a.subset else "valid" for x in base],
             *knn("ivfpq", "--knn-pointers", "--knn-min-pointers", str(a.k + 1),
                  "--knn-save-neighbors", str(nbrs), *extra)])
         sh([str(BIN / "knnlm-fit-lambda"), str(nbrs), "--out", str(got[name]), "--kind",
             "mlp", "--temp", str(a.temp), "--force", *fit])
-    return got
+
+
+def keep_rows(rows: dict[str, tuple[str, list[str]]], only: str
+              ) -> dict[str, tuple[str, list[str]]]:
+    """The rows whose name contains one of the ';'-separated substrings ``only`` (all rows
+    when empty), with the two baselines and the full search of each index a kept row
+    compares with."""
+    if not only:
+        return rows
+    keep = [x for x in only.split(";") if x]
+    picked = {n for n in rows if any(x in n for x in keep)}
+    picked |= {f"{rows[n][0]}: full search" for n in picked if rows[n][0]}
+    picked |= {"eval-lm (stock, no plugin)", "plugin, no kNN"}
+    return {n: r for n, r in rows.items() if n in picked}
 
 
 def main() -> None:
@@ -73,7 +94,8 @@ def main() -> None:
     ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
                     "that use it")
     ap.add_argument("--skip-below", type=float, default=0.05)
-    ap.add_argument("--only", default="", help="comma list of row-name substrings to time")
+    ap.add_argument("--only", default="", help="row-name substrings to time, separated by "
+                    "';' (row names hold commas)")
     a = ap.parse_args()
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -92,7 +114,7 @@ def main() -> None:
                 "--lmbda", str(a.lmbda), "--knn-temp", str(a.temp), "--move-dstore-to-mem",
                 *extra]
 
-    got = prepare(a, run, out, base, lambda index, *extra: knn(index, *extra))
+    got = artifacts(a, out)
     indexes["fastscan"], indexes["rabitq"] = got["fastscan"], got["rabitq"]
     s = str(a.stream_len)
     ptr = ["--knn-pointers", "--knn-min-pointers"]
@@ -130,27 +152,34 @@ def main() -> None:
     rows["rabitq: full search"] = ("rabitq", knn("rabitq"))
     rows[f"rabitq: pointers 64, stream {s}"] = ("rabitq", knn("rabitq", *ptr, "64",
                                                                "--knn-stream-len", s))
-    if a.only:
-        keep = a.only.split(",")
-        rows = {n: r for n, r in rows.items() if n in ("eval-lm (stock, no plugin)",
-                "plugin, no kNN", "ivfpq: full search", "fastscan: full search",
-                "rabitq: full search")
-                or any(x in n for x in keep)}
+    rows = keep_rows(rows, a.only)
+    used = {x for _, args in rows.values() for x in args}
+    prepare(a, run, got, base, knn, {name for name, path in got.items()
+                                     if str(path) in used})
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     for rep in range(a.repeats):
         for name, (_, args) in rows.items():
             runs[name].append(parse_run(sh([str(BIN / "fairseq-eval-lm"), *base, *args])))
         print(f"round {rep + 1} of {a.repeats} done ({time.time() - t0:.0f}s)", flush=True)
-    result = summarise(runs, rows)
+        write_result(out, summarise(runs, rows), a, rows, base, t0, rep + 1)
+    result = json.loads((out / "speed.json").read_text())
+    print((out / "speed.md").read_text())
+    plot(result, out / "speed.png", a.label)
+    print(f"wrote {out / 'speed.png'} ({time.time() - t0:.0f}s in all)")
+
+
+def write_result(out: Path, result: dict[str, Any], a: argparse.Namespace,
+                 rows: dict[str, tuple[str, list[str]]], base: list[str], t0: float,
+                 rounds: int) -> None:
+    """OUT/speed.json and OUT/speed.md of the rounds done so far (rewritten after each
+    round, so an interrupted run keeps them)."""
     result.update({"args": {k: str(v) for k, v in vars(a).items()}, "wall_s": time.time() - t0,
+                   "rounds": rounds,
                    "commands": {n: " ".join(["fairseq-eval-lm", *base, *r[1]])
                                 for n, r in rows.items()}})
     (out / "speed.json").write_text(json.dumps(result, indent=1))
-    md = table(result) + "\n" + profile_table(result)
-    (out / "speed.md").write_text(md)
-    print(md)
-    plot(result, out / "speed.png", a.label)
-    print(f"wrote {out / 'speed.png'} ({time.time() - t0:.0f}s in all)")
+    (out / "speed.md").write_text(f"{rounds} of {a.repeats} rounds\n\n" + table(result)
+                                  + "\n" + profile_table(result))
 
 
 def summarise(runs: dict[str, list[dict[str, Any]]], rows: dict[str, tuple[str, list[str]]]

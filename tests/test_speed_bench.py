@@ -1,0 +1,49 @@
+"""benchmarks/speed.py's row selection (--only) and its per-round results (issue #25).
+
+Run: python -m pytest -q tests/test_speed_bench.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import speed  # noqa: E402
+
+ROWS = {name: (index, [name]) for name, index in [
+    ("eval-lm (stock, no plugin)", ""), ("plugin, no kNN", ""),
+    ("ivfpq: full search", "ivfpq"), ("ivfpq: pointers 64", "ivfpq"),
+    ("ivfpq: pointers 64, stream 32", "ivfpq"), ("fastscan: full search", "fastscan"),
+    ("fastscan: pointers 64, stream 32", "fastscan"), ("rabitq: full search", "rabitq"),
+    ("rabitq: pointers 64, stream 32", "rabitq"),
+    ("ivfpq: clusters 512, stream 32, limit 1024", "ivfpq")]}
+
+
+def test_only_keeps_baselines_and_the_full_search_each_kept_row_needs() -> None:
+    assert list(speed.keep_rows(ROWS, "")) == list(ROWS)
+    got = list(speed.keep_rows(ROWS, "fastscan: pointers 64, stream;limit 1024"))
+    assert got == ["eval-lm (stock, no plugin)", "plugin, no kNN", "ivfpq: full search",
+                   "fastscan: full search", "fastscan: pointers 64, stream 32",
+                   "ivfpq: clusters 512, stream 32, limit 1024"]
+    got = speed.keep_rows(ROWS, "pointers 64;limit 1024")
+    assert "rabitq: full search" in got and "rabitq: pointers 64, stream 32" in got
+    assert "ivfpq: clusters 512, stream 32, limit 1024" in got
+
+
+def test_results_are_written_after_each_round(tmp_path: Path) -> None:
+    rows = speed.keep_rows(ROWS, "ivfpq: pointers 64, stream")
+    assert len(rows) == 4
+    run = {"tokens": 1000, "ppl": 10.0, "searches": 800}
+    runs = {n: [dict(run, seconds=s)] for n, s in zip(rows, (1.0, 1.2, 4.0, 3.0))}
+    a = argparse.Namespace(repeats=3, label="x")
+    speed.write_result(tmp_path, speed.summarise(runs, rows), a, rows, ["data"], 0.0, 1)
+    res = json.loads((tmp_path / "speed.json").read_text())
+    assert res["rounds"] == 1
+    ptr = next(r for r in res["rows"] if r["row"] == "ivfpq: pointers 64, stream 32")
+    assert abs(ptr["vs_full"] - 4.0 / 3.0) < 1e-9
+    assert abs(ptr["overhead"] - (3.0 - 1.2) / (4.0 - 1.2)) < 1e-9
+    assert (tmp_path / "speed.md").read_text().startswith("1 of 3 rounds")
