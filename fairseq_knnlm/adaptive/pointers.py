@@ -157,6 +157,14 @@ def nearest_first(ids: np.ndarray, dists: torch.Tensor, k: int
     return ids_sorted[:, :k], d[:, :k]
 
 
+class Expander(Protocol):
+    """Pointers (u, c) -> candidates (``Clusters``): how many, and which."""
+
+    def count(self, ptrs: np.ndarray) -> np.ndarray: ...
+
+    def expand(self, ptrs: np.ndarray) -> np.ndarray: ...
+
+
 # search(token indices (s,)) -> FAISS ids (s, k), FAISS distances (s, k), scoring dists (s, k)
 SearchFn = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray, torch.Tensor]]
 # distances(token indices (u,), neighbour ids (u, c), -1 padded) -> scoring dists (u, c)
@@ -183,7 +191,7 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
                 queries: Callable[[np.ndarray], torch.Tensor], search: SearchFn,
                 distances: DistFn, vals: np.ndarray, continues: np.ndarray, k: int,
                 policy: SearchPolicy, timing: Optional[dict[str, float]] = None,
-                expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                clusters: Optional[Expander] = None,
                 preset_skip: Optional[np.ndarray] = None) -> StreamResults:
     """Score streams of consecutive tokens with pointers, in lockstep.
 
@@ -194,8 +202,9 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     datastore's values and ``continues`` its ``stream_continues``. Each row's result depends
     only on its own stream, so streams can be grouped any way. ``timing`` gets the seconds of
     the pointer steps (distances, sort) and of the bookkeeping; ``search`` times itself.
-    ``expand`` (``Clusters.expand``) turns each step's pointers (u, c) into candidates
-    (u, c'), which the policy counts and a pointer step measures (the k nearest kept).
+    ``clusters`` (``Clusters``) turns each step's pointers (u, c) into candidates (u, c'),
+    which the policy counts (``count``, without building them) and a pointer step builds
+    (``expand``) and measures (the k nearest kept).
     ``preset_skip`` (n,) bool marks tokens whose search is skipped (a lambda model's gate
     decided before the search, lambda_model.py): those the policy would search become SKIP;
     those scored from their pointers keep them.
@@ -222,18 +231,22 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         t0 = clock()
         rows = np.nonzero(lengths_a > t)[0]
         idx = starts_a[rows] + t
-        cand = expand(compact(ptrs[rows])) if expand is not None else ptrs[rows]
-        counts = (cand >= 0).sum(axis=1)
+        live = ptrs[rows]
+        counts = (clusters.count(live) if clusters is not None
+                  else (live >= 0).sum(axis=1))
         m = policy.decide(counts, queries(idx) if getattr(policy, "reads_queries", True)
                           else None)
         if preset_skip is not None:  # the gate decides only the tokens the policy searches
             m = np.where(preset_skip[idx] & (m == SEARCH), SKIP, m).astype(np.int8)
         modes[idx], n_ptr[idx] = m, counts
+        on_ptrs = rows[m == POINTERS]
+        p = None
+        if len(on_ptrs):
+            p = live[m == POINTERS]
+            p = compact(clusters.expand(p) if clusters is not None else p)
+        ptrs[rows[m == SKIP]] = -1  # no kNN: no pointers left
         t1 = clock()
         t_book += t1 - t0
-        on_ptrs = rows[m == POINTERS]
-        p = compact(cand[m == POINTERS]) if len(on_ptrs) else None
-        ptrs[rows[m == SKIP]] = -1  # no kNN: no pointers left
         sel = np.nonzero(m == SEARCH)[0]
         if len(sel):
             ids, fd, d = search(idx[sel])
@@ -328,6 +341,10 @@ class Clusters:
         at = self.bounds[:-1, None] + col[None, :]
         self.table = np.where(col[None, :] < sizes[:, None],
                               self.order[np.minimum(at, max(len(self.order) - 1, 0))], -1)
+        # whether each row is one of its cluster's ``per_cluster`` members (in the table)
+        rank = np.arange(len(self.order)) - self.bounds[self.assign[self.order]]
+        self.in_table = np.zeros(len(self.assign), dtype=bool)
+        self.in_table[self.order] = rank < self.per_cluster
 
     def members(self, cluster: int) -> np.ndarray:
         lo = self.bounds[cluster]
@@ -376,6 +393,24 @@ class Clusters:
             mem = np.where((mem >= 0) & (have[at] == want), -1, mem)
         out = compact(np.concatenate([p, mem], axis=1))
         return out[:, :max(1, min(out.shape[1], self.limit))]
+
+    def count(self, ptrs: np.ndarray) -> np.ndarray:
+        """(u,) how many candidates ``expand(ptrs)`` gives each row, without building them:
+        the members of the rows' distinct clusters, plus the pointers that are not among
+        their cluster's members, at most ``limit`` (the policy needs only the counts; only
+        the rows it scores from their pointers are expanded)."""
+        p = np.asarray(ptrs, dtype=np.int64)
+        if p.shape[0] == 0:
+            return np.zeros(0, dtype=np.int64)
+        valid = p >= 0
+        safe = np.where(valid, p, 0)
+        cs = np.sort(np.where(valid, self.assign[safe], self.num_clusters), axis=1)
+        new = np.ones(cs.shape, dtype=bool)
+        new[:, 1:] = cs[:, 1:] != cs[:, :-1]
+        new &= cs < self.num_clusters
+        members = np.where(new, self.sizes[np.minimum(cs, self.num_clusters - 1)], 0).sum(1)
+        outside = (valid & ~self.in_table[safe]).sum(axis=1)
+        return np.minimum(members + outside, self.limit)
 
     def expand_loop(self, ptrs: np.ndarray) -> np.ndarray:
         """``expand``, one row at a time (the definition; tests compare the two)."""

@@ -308,7 +308,7 @@ def pointer_passes(nb: Neighbors, ds: Any, policy: Any, budget: int = 8192,
         res = run_streams(starts, lengths, init, tg,
                           lambda idx, q=q: q[torch.from_numpy(idx)], search, distances,
                           vals, continues, k, policy,
-                          expand=clusters.expand if clusters is not None else None,
+                          clusters=clusters,
                           preset_skip=preset_skip[lo:hi] if preset_skip is not None else None)
         carry = res.final[-1] if len(res.final) else None
         yield lo, hi, tg, res

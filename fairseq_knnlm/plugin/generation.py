@@ -294,8 +294,7 @@ class KNNGeneration:
                 init = [row[row >= 0] for row in nxt]
             res = ret.run_streams(q, torch.zeros(n, dtype=torch.long), np.arange(n),
                                   np.ones(n, dtype=np.int64), init, knn.policy,
-                                  expand=knn.clusters.expand if knn.clusters is not None
-                                  else None, preset_skip=skip if skip.any() else None)
+                                  clusters=knn.clusters, preset_skip=skip if skip.any() else None)
             nbr_vals, valid = ret.values(res.ids, q.device)
             r = Retrieved(ids=res.ids, faiss_dists=res.faiss_dists, dists=res.dists,
                           nbr_vals=nbr_vals, valid=valid, modes=res.modes,

@@ -224,7 +224,7 @@ class KNNScorer:
         else:
             knn_lp, retrieved, final = self.retriever.score_streams(
                 b.queries, b.targets, starts, lengths, init, policy,
-                expand=self.clusters.expand if self.clusters is not None else None,
+                clusters=self.clusters,
                 preset_skip=skip)
         self.carried.keep(last, final)
         fresh = np.zeros(len(b.targets), dtype=np.uint8)

@@ -16,7 +16,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ import torch
 from fairseq_knnlm.adaptive.pointers import (
     SEARCH,
     SKIP,
+    Expander,
     SearchPolicy,
     StreamResults,
     run_streams,
@@ -319,7 +320,7 @@ class KNNRetriever:
     def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                     starts: Sequence[int], lengths: Sequence[int],
                     init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
-                    expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                    clusters: Optional[Expander] = None,
                     preset_skip: Optional[np.ndarray] = None) -> StreamResults:
         """pointers.run_streams with this retriever's search and distances."""
         q = queries.detach().float()
@@ -336,18 +337,18 @@ class KNNRetriever:
             return run_streams(starts, lengths, init, targets.cpu().numpy(),
                                lambda idx: q[torch.from_numpy(idx)], search_fn, dist_fn,
                                self.vals.numpy(), self.continues, self.k, policy,
-                               self.timing, expand, preset_skip)
+                               self.timing, clusters, preset_skip)
 
     def score_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                       starts: Sequence[int], lengths: Sequence[int],
                       init: Sequence[Optional[np.ndarray]], policy: SearchPolicy,
                       temperature: Optional[float] = None,
-                      expand: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                      clusters: Optional[Expander] = None,
                       preset_skip: Optional[np.ndarray] = None
                       ) -> tuple[torch.Tensor, Retrieved, list[np.ndarray]]:
         """log p_kNN(targets) with pointers (pointers.run_streams; ``KNN_LOGP_FLOOR`` for
         SKIP tokens), the neighbours used, and each stream's pointers after its last token."""
-        res = self.run_streams(queries, targets, starts, lengths, init, policy, expand,
+        res = self.run_streams(queries, targets, starts, lengths, init, policy, clusters,
                                preset_skip)
         dev = queries.device
         # the values were gathered by the stepping already (= self.values: tested)

@@ -141,6 +141,8 @@ def test_vectorised_expand_equals_the_per_row_definition():
                 rng.shuffle(ptrs[i])
             a, b = c.expand(ptrs), c.expand_loop(ptrs)
             assert a.shape == b.shape and (a == b).all()
+            # the policy's counts, without building the candidates
+            assert c.count(ptrs).tolist() == (b >= 0).sum(axis=1).tolist()
 
 
 def test_split_streams_cuts_rows_and_marks_their_first_stream():
