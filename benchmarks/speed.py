@@ -75,13 +75,14 @@ def prepare(a: argparse.Namespace, run: Path, got: dict[str, Path], base: list[s
 
 def keep_rows(rows: dict[str, tuple[str, list[str]]], only: str
               ) -> dict[str, tuple[str, list[str]]]:
-    """The rows whose name contains one of the ';'-separated substrings ``only`` (all rows
-    when empty), with the two baselines and the full search of each index a kept row
-    compares with."""
+    """The rows named by the ';'-separated items of ``only`` (all rows when empty), with
+    the two baselines and the full search of each index a kept row compares with. An item
+    that is a row's whole name picks that row alone; any other item picks every row whose
+    name contains it."""
     if not only:
         return rows
     keep = [x for x in only.split(";") if x]
-    picked = {n for n in rows if any(x in n for x in keep)}
+    picked = {n for n in rows if any(x == n or (x not in rows and x in n) for x in keep)}
     picked |= {f"{rows[n][0]}: full search" for n in picked if rows[n][0]}
     picked |= {"eval-lm (stock, no plugin)", "plugin, no kNN"}
     return {n: r for n, r in rows.items() if n in picked}
@@ -94,8 +95,8 @@ def main() -> None:
     ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
                     "that use it")
     ap.add_argument("--skip-below", type=float, default=0.05)
-    ap.add_argument("--only", default="", help="row-name substrings to time, separated by "
-                    "';' (row names hold commas)")
+    ap.add_argument("--only", default="", help="rows to time, separated by ';' (row names "
+                    "hold commas): a row's whole name, or a part of the names")
     a = ap.parse_args()
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)

@@ -20,7 +20,9 @@ ROWS = {name: (index, [name]) for name, index in [
     ("ivfpq: pointers 64, stream 32", "ivfpq"), ("fastscan: full search", "fastscan"),
     ("fastscan: pointers 64, stream 32", "fastscan"), ("rabitq: full search", "rabitq"),
     ("rabitq: pointers 64, stream 32", "rabitq"),
-    ("ivfpq: clusters 512, stream 32, limit 1024", "ivfpq")]}
+    ("ivfpq: clusters 512, stream 32, limit 1024", "ivfpq"),
+    ("fastscan: full search, FAISS distances", "fastscan"),
+    ("fastscan: full search, FAISS distances, probe 16", "fastscan")]}
 
 
 def test_only_keeps_baselines_and_the_full_search_each_kept_row_needs() -> None:
@@ -29,6 +31,11 @@ def test_only_keeps_baselines_and_the_full_search_each_kept_row_needs() -> None:
     assert got == ["eval-lm (stock, no plugin)", "plugin, no kNN", "ivfpq: full search",
                    "fastscan: full search", "fastscan: pointers 64, stream 32",
                    "ivfpq: clusters 512, stream 32, limit 1024"]
+    # a whole name picks that row alone; a part picks every row that holds it
+    got = speed.keep_rows(ROWS, "fastscan: full search, FAISS distances")
+    assert "fastscan: full search, FAISS distances, probe 16" not in got
+    got = speed.keep_rows(ROWS, "FAISS distances")
+    assert "fastscan: full search, FAISS distances, probe 16" in got
     got = speed.keep_rows(ROWS, "pointers 64;limit 1024")
     assert "rabitq: full search" in got and "rabitq: pointers 64, stream 32" in got
     assert "ivfpq: clusters 512, stream 32, limit 1024" in got
