@@ -39,7 +39,7 @@ names = re.findall(r"^([\w-]+)\s*=", block, re.M)
 sys.exit(0 if all((pathlib.Path(sys.argv[1]) / "bin" / n).exists() for n in names) else 1)
 PY
 }
-if ! python -c "import fairseq, faiss, fairseq_knnlm$RAY_IMPORT" >/dev/null 2>&1 \
+if ! python -c "import fairseq, faiss, numba, fairseq_knnlm$RAY_IMPORT" >/dev/null 2>&1 \
     || ! pip show -q "$FAISS_DIST" >/dev/null 2>&1 || ! scripts_ok; then
   pip_q --upgrade pip setuptools wheel
   pip_q "$TORCH_SPEC" cython "numpy>=1.21"

@@ -52,7 +52,12 @@ without pointers, one search more per stream. The saved ``fresh`` flags mark tho
 so the replay follows the same streams.
 
 *Cost*: docs/performance.md (benchmarks/speed.py) has the measured profile and speeds.
-``Clusters.expand`` is vectorised over the rows (``expand_loop`` is its per-row definition).
+The stepping keeps each stream's pointers compacted with their count and runs its O(k)
+per-token work in compiled loops (adaptive/kernels.py, numba): ``follow`` is
+``next_pointers`` plus the values p_kNN reads, ``Clusters.count_live`` / ``expand_live`` are
+``count`` / ``expand``; the numpy functions here stay as their definitions (tests compare
+them). ``Clusters.expand`` is vectorised over the rows (``expand_loop`` is its per-row
+definition).
 Tokens with no surviving pointer (34% with clusters, 49% without, WikiText-2 QUICK) are
 searched whatever the threshold.
 """
@@ -158,11 +163,15 @@ def nearest_first(ids: np.ndarray, dists: torch.Tensor, k: int
 
 
 class Expander(Protocol):
-    """Pointers (u, c) -> candidates (``Clusters``): how many, and which."""
+    """The live pointers of some streams -> candidates (``Clusters``): how many, and which.
+    ``ptrs`` (streams, k) holds each stream's pointers compacted to the front, ``nlive``
+    their counts; ``streams`` picks the rows."""
 
-    def count(self, ptrs: np.ndarray) -> np.ndarray: ...
+    def count_live(self, streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray
+                   ) -> np.ndarray: ...
 
-    def expand(self, ptrs: np.ndarray) -> np.ndarray: ...
+    def expand_live(self, streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray
+                    ) -> np.ndarray: ...
 
 
 # search(token indices (s,)) -> FAISS ids (s, k), FAISS distances (s, k), scoring dists (s, k)
@@ -209,6 +218,8 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     decided before the search, lambda_model.py): those the policy would search become SKIP;
     those scored from their pointers keep them.
     """
+    from fairseq_knnlm.adaptive import kernels  # numba: loaded by pointer runs only
+
     n = len(targets)
     starts_a = np.asarray(starts, dtype=np.int64)
     lengths_a = np.asarray(lengths, dtype=np.int64)
@@ -216,24 +227,28 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
     out_ids = np.full((n, k), -1, dtype=np.int64)
     out_fd = np.full((n, k), np.inf, dtype=np.float32)
     out_d = torch.full((n, k), float("inf"), dtype=torch.float32)
+    vals = np.asarray(vals)
     out_v = np.full((n, k), -1, dtype=vals.dtype)
+    continues = np.asarray(continues, dtype=bool)
     modes = np.zeros(n, dtype=np.int8)
     n_ptr = np.zeros(n, dtype=np.int64)
-    ptrs = np.full((num, k), -1, dtype=np.int64)  # each stream's live pointers
+    # each stream's live pointers, compacted to the front (-1 after), and their count
+    ptrs = np.full((num, k), -1, dtype=np.int64)
+    nlive = np.zeros(num, dtype=np.int64)
     for r, p in enumerate(init):
         if p is not None and len(p):
-            p = np.asarray(p, dtype=np.int64)[:k]
-            ptrs[r, :len(p)] = p
-    tgt = np.asarray(targets, dtype=np.int64)
+            p = np.asarray(p, dtype=np.int64)
+            p = p[p >= 0][:k]
+            ptrs[r, :len(p)], nlive[r] = p, len(p)
+    tgt = np.ascontiguousarray(targets, dtype=np.int64)
     clock = time.perf_counter
     t_ptr = t_book = 0.0
     for t in range(int(lengths_a.max()) if num else 0):
         t0 = clock()
         rows = np.nonzero(lengths_a > t)[0]
         idx = starts_a[rows] + t
-        live = ptrs[rows]
-        counts = (clusters.count(live) if clusters is not None
-                  else (live >= 0).sum(axis=1))
+        counts = (clusters.count_live(rows, ptrs, nlive) if clusters is not None
+                  else nlive[rows])
         m = policy.decide(counts, queries(idx) if getattr(policy, "reads_queries", True)
                           else None)
         if preset_skip is not None:  # the gate decides only the tokens the policy searches
@@ -242,20 +257,21 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
         on_ptrs = rows[m == POINTERS]
         p = None
         if len(on_ptrs):
-            p = live[m == POINTERS]
-            p = compact(clusters.expand(p) if clusters is not None else p)
-        ptrs[rows[m == SKIP]] = -1  # no kNN: no pointers left
+            if clusters is not None:
+                p = clusters.expand_live(on_ptrs, ptrs, nlive)
+            else:
+                p = ptrs[on_ptrs, :max(1, int(nlive[on_ptrs].max()))]
+        kernels.clear(rows[m == SKIP], ptrs, nlive)  # no kNN: no pointers left
         t1 = clock()
         t_book += t1 - t0
         sel = np.nonzero(m == SEARCH)[0]
         if len(sel):
             ids, fd, d = search(idx[sel])
+            ids = np.ascontiguousarray(ids, dtype=np.int64)
             out_ids[idx[sel]], out_fd[idx[sel]] = ids, fd
             out_d[idx[sel]] = d.float().cpu()
             t2 = clock()  # the search function times itself
-            nv = np.where(ids >= 0, vals[np.where(ids >= 0, ids, 0)], -1)
-            out_v[idx[sel]] = nv
-            ptrs[rows[sel]] = next_pointers(ids, nv, tgt[idx[sel]], continues)
+            kernels.follow(ids, idx[sel], rows[sel], tgt, vals, continues, out_v, ptrs, nlive)
             t1 = clock()
             t_book += t1 - t2
         if p is not None:
@@ -267,15 +283,13 @@ def run_streams(starts: Sequence[int], lengths: Sequence[int],
             out_d[idx[sel], :w] = d
             t2 = clock()
             t_ptr += t2 - t1
-            nv = np.where(p >= 0, vals[np.where(p >= 0, p, 0)], -1)
-            out_v[idx[sel], :w] = nv
-            ptrs[on_ptrs] = -1
-            ptrs[on_ptrs, :w] = next_pointers(p, nv, tgt[idx[sel]], continues)
+            kernels.follow(np.ascontiguousarray(p), idx[sel], on_ptrs, tgt, vals, continues,
+                           out_v, ptrs, nlive)
             t_book += clock() - t2
     if timing is not None:
         timing["pointer_distances"] = timing.get("pointer_distances", 0.0) + t_ptr
         timing["pointer_bookkeeping"] = timing.get("pointer_bookkeeping", 0.0) + t_book
-    final = [ptrs[r][ptrs[r] >= 0] for r in range(num)]
+    final = [ptrs[r, :nlive[r]].copy() for r in range(num)]
     return StreamResults(ids=out_ids, faiss_dists=out_fd, dists=out_d, modes=modes,
                          n_pointers=n_ptr, final=final, vals=out_v)
 
@@ -345,6 +359,33 @@ class Clusters:
         rank = np.arange(len(self.order)) - self.bounds[self.assign[self.order]]
         self.in_table = np.zeros(len(self.assign), dtype=bool)
         self.in_table[self.order] = rank < self.per_cluster
+        self._seen: Optional[np.ndarray] = None  # the kernels' scratch (clusters, rows)
+        self._mark: Optional[np.ndarray] = None
+
+    def count_live(self, streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray
+                   ) -> np.ndarray:
+        """``count`` of the live pointers of ``streams`` (run_streams' compacted state),
+        compiled (adaptive/kernels.py)."""
+        from fairseq_knnlm.adaptive import kernels
+
+        if self._seen is None:
+            self._seen = np.zeros(self.num_clusters, dtype=bool)
+        return kernels.cluster_count(np.asarray(streams, dtype=np.int64), ptrs, nlive,
+                                     self.assign, self.sizes, self.in_table, self.limit,
+                                     self._seen)
+
+    def expand_live(self, streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray
+                    ) -> np.ndarray:
+        """``expand`` of the live pointers of ``streams``, compiled (adaptive/kernels.py)."""
+        from fairseq_knnlm.adaptive import kernels
+
+        if self._seen is None:
+            self._seen = np.zeros(self.num_clusters, dtype=bool)
+        if self._mark is None:
+            self._mark = np.zeros(len(self.assign), dtype=bool)
+        return kernels.cluster_expand(np.asarray(streams, dtype=np.int64), ptrs, nlive,
+                                      self.assign, np.ascontiguousarray(self.table),
+                                      self.sizes, self.limit, self._seen, self._mark)
 
     def members(self, cluster: int) -> np.ndarray:
         lo = self.bounds[cluster]

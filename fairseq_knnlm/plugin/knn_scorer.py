@@ -240,7 +240,7 @@ class KNNScorer:
             t = dict(self.retriever.timing)
             nq = int(t.pop("queries", 0))
             logger.info("kNN-LM time by stage over %d queries: %s", nq,
-                        ", ".join(f"{k} {v:.1f}s" for k, v in t.items()))
+                        ", ".join(f"{k} {v:.2f}s" for k, v in t.items()))
 
     def searches_summary(self, totals: dict[str, float], n: int) -> str:
         """The 'kNN-LM searches: S of N tokens' line, with the tokens from pointers and

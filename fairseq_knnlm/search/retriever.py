@@ -265,8 +265,13 @@ class KNNRetriever:
         if self._continues is None:
             t0 = time.perf_counter()
             self._continues = stream_continues(self.ds.pos)
-            logger.info("pointers: read the position map of %d rows in %.1fs", self.ds.size,
-                        time.perf_counter() - t0)
+            t1 = time.perf_counter()
+            from fairseq_knnlm.adaptive import kernels  # numba: pointer runs only
+
+            kernels.warm(self.vals.numpy().dtype)
+            logger.info("pointers: read the position map of %d rows in %.1fs, loaded the "
+                        "compiled stepping in %.1fs", self.ds.size, t1 - t0,
+                        time.perf_counter() - t1)
         return self._continues
 
     # ---- whole retrievals ----
