@@ -40,6 +40,7 @@ def follow(ids: np.ndarray, tokens: np.ndarray, streams: np.ndarray, targets: np
     (``continues``), compacted in neighbour order; ``nlive[stream]`` their count, -1 after
     them up to the stream's previous count."""
     s, w = ids.shape
+    nvals = len(vals)
     for i in range(s):
         tok, st = tokens[i], streams[i]
         tgt = targets[tok]
@@ -49,6 +50,8 @@ def follow(ids: np.ndarray, tokens: np.ndarray, streams: np.ndarray, targets: np
             if r < 0:
                 out_vals[tok, j] = -1
                 continue
+            if r >= nvals:  # compiled code has no bounds checks: never read past the end
+                raise IndexError("a neighbour id is past the datastore's last row")
             v = vals[r]
             out_vals[tok, j] = v
             if v == tgt and continues[r]:

@@ -55,6 +55,14 @@ def test_follow_equals_next_pointers_and_gathers_the_values(vals_dtype):
         assert (nlive == (ptrs >= 0).sum(axis=1)).all()
 
 
+def test_follow_refuses_ids_past_the_datastore():
+    ptrs, nlive = np.full((1, 2), -1, dtype=np.int64), np.zeros(1, dtype=np.int64)
+    with pytest.raises(IndexError, match="past the datastore"):
+        kernels.follow(np.array([[0, 5]]), np.array([0]), np.array([0]), np.array([1]),
+                       np.zeros(5, dtype=np.int64), np.ones(5, dtype=bool),
+                       np.full((1, 2), -1, dtype=np.int64), ptrs, nlive)
+
+
 def test_clear_drops_only_the_named_streams():
     rng = np.random.default_rng(1)
     ptrs, nlive = live_state(rng, 6, 16, 100)
