@@ -2,10 +2,11 @@
 
 Each function here does, in one pass per token over its k neighbours, what the numpy
 definitions in ``pointers`` do in a dozen whole-array passes: ``follow`` is
-``next_pointers`` (plus the neighbours' values the retriever's p_kNN reads), ``cluster_count``
-is ``Clusters.count`` and ``cluster_expand`` is ``Clusters.expand``. They are integer work
-only, so the results are the numpy definitions' exactly (tests/adaptive/test_kernels.py
-compares them); the numpy versions stay as the readable definitions.
+``next_pointers`` (plus the neighbours' values the retriever's p_kNN reads),
+``cluster_expand`` is ``Clusters.expand`` and ``cluster_count`` counts its candidates
+without building them. They are integer work only, so the results are the numpy
+definitions' exactly (tests/adaptive/test_kernels.py compares them); the numpy versions stay
+as the readable definitions.
 
 The pointers of each stream live in one (streams, k) int64 array, compacted to the front in
 their order and -1 after them, with their count beside it (``nlive``): a step reads a
@@ -75,9 +76,9 @@ def clear(streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray) -> None:
 def cluster_count(streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray,
                   assign: np.ndarray, sizes: np.ndarray, in_table: np.ndarray, limit: int,
                   seen: np.ndarray) -> np.ndarray:
-    """(u,) ``Clusters.count`` of each stream's live pointers: the members of their distinct
-    clusters plus the pointers outside their cluster's table, at most ``limit``. ``seen``
-    (clusters,) bool scratch, all False on entry and on return."""
+    """(u,) how many candidates ``Clusters.expand`` gives each stream's live pointers:
+    the members of their distinct clusters plus the pointers outside their cluster's table,
+    at most ``limit``. ``seen`` (clusters,) bool scratch, all False on entry and on return."""
     out = np.zeros(len(streams), dtype=np.int64)
     for i in range(len(streams)):
         st = streams[i]

@@ -54,10 +54,9 @@ so the replay follows the same streams.
 *Cost*: docs/performance.md (benchmarks/speed.py) has the measured profile and speeds.
 The stepping keeps each stream's pointers compacted with their count and runs its O(k)
 per-token work in compiled loops (adaptive/kernels.py, numba): ``follow`` is
-``next_pointers`` plus the values p_kNN reads, ``Clusters.count_live`` / ``expand_live`` are
-``count`` / ``expand``; the numpy functions here stay as their definitions (tests compare
-them). ``Clusters.expand`` is vectorised over the rows (``expand_loop`` is its per-row
-definition).
+``next_pointers`` plus the values p_kNN reads, ``Clusters.expand_live`` is ``expand`` and
+``count_live`` its counts; the numpy functions here stay as their definitions (tests compare
+them).
 Tokens with no surviving pointer (34% with clusters, 49% without, WikiText-2 QUICK) are
 searched whatever the threshold.
 """
@@ -359,17 +358,18 @@ class Clusters:
         rank = np.arange(len(self.order)) - self.bounds[self.assign[self.order]]
         self.in_table = np.zeros(len(self.assign), dtype=bool)
         self.in_table[self.order] = rank < self.per_cluster
-        self._seen: Optional[np.ndarray] = None  # the kernels' scratch (clusters, rows)
-        self._mark: Optional[np.ndarray] = None
+        # the kernels' scratch, all False between calls: clusters met, rows already taken
+        self._seen = np.zeros(self.num_clusters, dtype=bool)
+        self._mark = np.zeros(len(self.assign), dtype=bool)
 
     def count_live(self, streams: np.ndarray, ptrs: np.ndarray, nlive: np.ndarray
                    ) -> np.ndarray:
-        """``count`` of the live pointers of ``streams`` (run_streams' compacted state),
+        """(u,) how many candidates ``expand`` gives the live pointers of ``streams``
+        (run_streams' compacted state), without building them: the members of their distinct
+        clusters plus the pointers outside their cluster's table, at most ``limit``;
         compiled (adaptive/kernels.py)."""
         from fairseq_knnlm.adaptive import kernels
 
-        if self._seen is None:
-            self._seen = np.zeros(self.num_clusters, dtype=bool)
         return kernels.cluster_count(np.asarray(streams, dtype=np.int64), ptrs, nlive,
                                      self.assign, self.sizes, self.in_table, self.limit,
                                      self._seen)
@@ -379,13 +379,9 @@ class Clusters:
         """``expand`` of the live pointers of ``streams``, compiled (adaptive/kernels.py)."""
         from fairseq_knnlm.adaptive import kernels
 
-        if self._seen is None:
-            self._seen = np.zeros(self.num_clusters, dtype=bool)
-        if self._mark is None:
-            self._mark = np.zeros(len(self.assign), dtype=bool)
         return kernels.cluster_expand(np.asarray(streams, dtype=np.int64), ptrs, nlive,
-                                      self.assign, np.ascontiguousarray(self.table),
-                                      self.sizes, self.limit, self._seen, self._mark)
+                                      self.assign, self.table, self.sizes, self.limit,
+                                      self._seen, self._mark)
 
     def members(self, cluster: int) -> np.ndarray:
         lo = self.bounds[cluster]
@@ -394,67 +390,9 @@ class Clusters:
     def expand(self, ptrs: np.ndarray) -> np.ndarray:
         """(u, c) pointers (-1 padded, no duplicate in a row) -> (u, w) candidates, -1
         padded: each row's pointers, then the members of their clusters in the order the
-        clusters are first met, without the rows already there, at most ``limit``.
-
-        Vectorised over the rows: clusters are disjoint, so only the pointers can repeat a
-        member; the clusters whose members are needed are those met before the row has
-        ``limit`` members (each cluster's ``per_cluster`` at most). ``expand_loop`` is the
-        plain per-row definition it equals."""
-        p = compact(ptrs)
-        u, c = p.shape
-        if u == 0:
-            return np.full((0, 1), -1, dtype=np.int64)
-        valid = p >= 0
-        cs = np.where(valid, self.assign[np.where(valid, p, 0)], -1)
-        # first time each (row, cluster) is met, in pointer order
-        key = np.where(valid, cs, self.num_clusters) + (np.arange(u)[:, None]
-                                                        * (self.num_clusters + 1))
-        flat = key.ravel()
-        order = np.argsort(flat, kind="stable")
-        first_sorted = np.ones(len(flat), dtype=bool)
-        first_sorted[1:] = flat[order][1:] != flat[order][:-1]
-        first = np.zeros(len(flat), dtype=bool)
-        first[order] = first_sorted
-        first = first.reshape(u, c) & valid
-        fc = compact(np.where(first, cs, -1))  # (u, F) first-met clusters in order
-        fsz = np.where(fc >= 0, self.sizes[np.where(fc >= 0, fc, 0)], 0)
-        before = np.cumsum(fsz, axis=1) - fsz  # members met before each cluster
-        need = (fc >= 0) & (before < self.limit)
-        f = max(1, int(need.sum(axis=1).max()))
-        fc = np.where(need, fc, -1)[:, :f]
-        mem = np.where(fc[:, :, None] >= 0, self.table[np.where(fc >= 0, fc, 0)], -1)
-        mem = mem.reshape(u, -1)
-        # drop the members that are already pointers of the same row
-        if mem.size and valid.any():
-            stride = np.int64(len(self.assign) + 1)
-            rows = np.arange(u, dtype=np.int64)[:, None] * stride
-            have = np.sort((p + rows)[valid])  # small: the pointers
-            want = mem + rows
-            at = np.minimum(np.searchsorted(have, want), len(have) - 1)
-            mem = np.where((mem >= 0) & (have[at] == want), -1, mem)
-        out = compact(np.concatenate([p, mem], axis=1))
-        return out[:, :max(1, min(out.shape[1], self.limit))]
-
-    def count(self, ptrs: np.ndarray) -> np.ndarray:
-        """(u,) how many candidates ``expand(ptrs)`` gives each row, without building them:
-        the members of the rows' distinct clusters, plus the pointers that are not among
-        their cluster's members, at most ``limit`` (the policy needs only the counts; only
-        the rows it scores from their pointers are expanded)."""
-        p = np.asarray(ptrs, dtype=np.int64)
-        if p.shape[0] == 0:
-            return np.zeros(0, dtype=np.int64)
-        valid = p >= 0
-        safe = np.where(valid, p, 0)
-        cs = np.sort(np.where(valid, self.assign[safe], self.num_clusters), axis=1)
-        new = np.ones(cs.shape, dtype=bool)
-        new[:, 1:] = cs[:, 1:] != cs[:, :-1]
-        new &= cs < self.num_clusters
-        members = np.where(new, self.sizes[np.minimum(cs, self.num_clusters - 1)], 0).sum(1)
-        outside = (valid & ~self.in_table[safe]).sum(axis=1)
-        return np.minimum(members + outside, self.limit)
-
-    def expand_loop(self, ptrs: np.ndarray) -> np.ndarray:
-        """``expand``, one row at a time (the definition; tests compare the two)."""
+        clusters are first met, without the rows already there, at most ``limit``. One row at
+        a time: the definition ``expand_live`` (compiled) equals, and ``count_live`` counts
+        (tests/adaptive/test_kernels.py)."""
         rows = []
         for row in np.asarray(ptrs):
             p = row[row >= 0]

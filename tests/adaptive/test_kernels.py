@@ -1,5 +1,5 @@
 """The compiled pointer-stepping kernels (adaptive/kernels.py) against the numpy definitions
-they replace (pointers.next_pointers, Clusters.count, Clusters.expand), on random data:
+they replace (pointers.next_pointers, Clusters.expand and its counts), on random data:
 holes in the neighbour lists, datastore stream ends, limits below and above the pointers.
 
 Run: python -m pytest -q tests/adaptive/test_kernels.py
@@ -87,6 +87,6 @@ def test_cluster_kernels_equal_count_and_expand(n, num, per, limit):
         want = c.expand(ptrs[rows])
         got = c.expand_live(rows, ptrs, nlive)
         assert got.shape == want.shape and (got == want).all()
-        assert c.count_live(rows, ptrs, nlive).tolist() == c.count(ptrs[rows]).tolist()
+        assert c.count_live(rows, ptrs, nlive).tolist() == (want >= 0).sum(axis=1).tolist()
         # the scratch is left clean for the next call
         assert not c._seen.any() and not c._mark.any()

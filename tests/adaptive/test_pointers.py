@@ -123,8 +123,9 @@ def test_clusters_expand_pointers_to_their_members():
     assert Clusters(assign, order, 3, limit=2).expand(np.array([[1, 2]])).tolist() == [[1, 2]]
 
 
-def test_vectorised_expand_equals_the_per_row_definition():
-    """Clusters.expand (vectorised over rows) = Clusters.expand_loop, on random clusterings
+def test_compiled_expand_equals_the_per_row_definition():
+    """Clusters.expand_live (compiled, over run_streams' compacted pointers) =
+    Clusters.expand, the per-row definition, on random clusterings
     (small and large clusters, limits below and above the pointers, empty rows)."""
     rng = np.random.default_rng(3)
     for n, num, per, limit in ((500, 7, 128, 64), (3000, 300, 3, 50), (3000, 40, 128, 2048),
@@ -139,10 +140,13 @@ def test_vectorised_expand_equals_the_per_row_definition():
                 m = int(rng.integers(0, w + 1))
                 ptrs[i, :m] = rng.choice(n, m, replace=False)
                 rng.shuffle(ptrs[i])
-            a, b = c.expand(ptrs), c.expand_loop(ptrs)
+            live, nlive = compact(ptrs), (ptrs >= 0).sum(axis=1)
+            streams = np.arange(u)
+            a, b = c.expand_live(streams, live, nlive), c.expand(ptrs)
             assert a.shape == b.shape and (a == b).all()
             # the policy's counts, without building the candidates
-            assert c.count(ptrs).tolist() == (b >= 0).sum(axis=1).tolist()
+            assert (c.count_live(streams, live, nlive).tolist()
+                    == (b >= 0).sum(axis=1).tolist())
 
 
 def test_split_streams_cuts_rows_and_marks_their_first_stream():
