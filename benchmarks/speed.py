@@ -6,10 +6,13 @@ with the same index, medians of round-robin repeats in one run, and the Pareto p
         --subset test --lmbda 0.3 --temp 5 --repeats 3
 
 Needs examples/wikitext2 steps 1-5 (QUICK=1 or not). Builds into OUT what is missing: the
-fast-scan and IVF-RaBitQ indexes, the clusters, and two lambda models fitted on a valid pass
-saved with --knn-pointers --knn-min-pointers K+1 (an MLP with its gate, and one fitted for
---knn-min-pointers 1 with --knn-stream-len STREAM). Every kNN row keeps the keys in RAM
-(--move-dstore-to-mem), so that the page cache does not decide the exact distances' cost.
+fast-scan and IVF-RaBitQ indexes, the clusters, and two lambda models fitted on a pass over
+--fit-subset (valid; test when timing valid) saved with --knn-pointers --knn-min-pointers K+1
+(an MLP with its gate, and one fitted for --knn-min-pointers 1 with --knn-stream-len STREAM).
+The gate row's --knn-skip-below is the largest of the fitter's held-out grid that keeps the
+model's held-out perplexity within --gate-tolerance (1%), unless --skip-below gives it.
+Every kNN row keeps the keys in RAM (--move-dstore-to-mem), so that the page cache does not
+decide the exact distances' cost.
 
 Columns: searched fraction, perplexity, tokens/s (median) as ratios to stock eval-lm and to
 full search with the same index, and the kNN overhead (time minus the plugin's pass without
@@ -40,12 +43,15 @@ from pointer_curve import (  # noqa: E402
     sh,
 )
 
+GATE = "GATE"  # the gate row's threshold, until the lambda model's report gives it
+
 
 def artifacts(a: argparse.Namespace, out: Path) -> dict[str, Path]:
     """Where the prepared indexes, clusters and lambda models live (built by ``prepare``)."""
     return {"fastscan": out / "train.fs.index", "rabitq": out / "train.rq.index",
             "clusters": out / f"clusters_c{a.num_clusters}",
-            "lam_mlp": out / "lam_mlp.npz", "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}.npz"}
+            "lam_mlp": out / f"lam_mlp_{a.fit_subset}.npz",
+            "lam_ptr1": out / f"lam_ptr1_s{a.stream_len}_{a.fit_subset}.npz"}
 
 
 def prepare(a: argparse.Namespace, run: Path, got: dict[str, Path], base: list[str],
@@ -62,15 +68,39 @@ def prepare(a: argparse.Namespace, run: Path, got: dict[str, Path], base: list[s
     for name, extra, fit in (
             ("lam_mlp", [], []),
             ("lam_ptr1", ["--knn-stream-len", str(a.stream_len)], ["--min-pointers", "1"])):
-        if name not in needed or got[name].exists():
+        if name not in needed or (got[name].exists() and report_of(got[name]).exists()):
             continue
-        nbrs = got[name].parent / f"nbrs_valid_{name}"
-        print(f"saving a valid pass and fitting {got[name].name}", flush=True)
-        sh([str(BIN / "fairseq-eval-lm"), *[x if x != a.subset else "valid" for x in base],
+        nbrs = got[name].parent / f"nbrs_{a.fit_subset}_{name}"
+        print(f"saving a {a.fit_subset} pass and fitting {got[name].name}", flush=True)
+        sh([str(BIN / "fairseq-eval-lm"), *[x if x != a.subset else a.fit_subset for x in base],
             *knn("ivfpq", "--knn-pointers", "--knn-min-pointers", str(a.k + 1),
                  "--knn-save-neighbors", str(nbrs), *extra)])
         sh([str(BIN / "knnlm-fit-lambda"), str(nbrs), "--out", str(got[name]), "--kind",
-            "mlp", "--temp", str(a.temp), "--force", *fit])
+            "mlp", "--temp", str(a.temp), "--force", "--json", str(report_of(got[name])),
+            *fit])
+
+
+def report_of(model: Path) -> Path:
+    """The fitter's --json report beside a lambda model."""
+    return model.with_suffix(".json")
+
+
+def pick_skip_below(report: dict[str, Any], tolerance: float) -> tuple[float, str]:
+    """The gate threshold of the timed gate row: the largest --knn-skip-below of the fitter's
+    held-out grid whose perplexity is within ``tolerance`` (relative) of the model's without
+    the gate, and a line saying what it searched; 0 (no gate) when none is."""
+    base = float(report["held_out_ppl"]["model"])
+    skips = report.get("held_out_skips", [])
+    ok = [r for r in skips if float(r["skip_below"]) > 0
+          and float(r["ppl"]) <= base * (1 + tolerance)]
+    if not ok:
+        return 0.0, f"no gate threshold keeps ppl within {100 * tolerance:g}% of {base:.2f}"
+    best = max(ok, key=lambda r: float(r["skip_below"]))
+    edge = " (the grid's largest: widen it)" if best is skips[-1] else ""
+    return float(best["skip_below"]), (
+        f"gate --knn-skip-below {best['skip_below']:g}{edge}: held-out search "
+        f"{100 * best['search_fraction']:.1f}%, ppl {best['ppl']:.2f} against {base:.2f} "
+        "without the gate")
 
 
 def keep_rows(rows: dict[str, tuple[str, list[str]]], only: str
@@ -94,10 +124,21 @@ def main() -> None:
     add_run_args(ap, subset="test", lmbda=0.3, temp=5.0, repeats=3)
     ap.add_argument("--stream-len", type=int, default=32, help="--knn-stream-len of the rows "
                     "that use it")
-    ap.add_argument("--skip-below", type=float, default=0.05)
+    ap.add_argument("--skip-below", type=float, default=None, help="the gate row's "
+                    "--knn-skip-below (default: the largest of the fitter's held-out grid "
+                    "within --gate-tolerance of the model's perplexity without the gate)")
+    ap.add_argument("--gate-tolerance", type=float, default=0.01)
+    ap.add_argument("--fit-subset", default=None, help="the split the lambda models are "
+                    "fitted on (default: valid, or test when --subset is valid: a model is "
+                    "never timed on the split it was fitted on)")
     ap.add_argument("--only", default="", help="rows to time, separated by ';' (row names "
                     "hold commas): a row's whole name, or a part of the names")
     a = ap.parse_args()
+    if a.fit_subset is None:
+        a.fit_subset = "test" if a.subset == "valid" else "valid"
+    if a.fit_subset == a.subset:
+        ap.error(f"--fit-subset {a.fit_subset}: the lambda models would be timed on the split "
+                 "they were fitted on")
     run, out = a.run_dir, a.out_dir
     out.mkdir(parents=True, exist_ok=True)
     dstore = run / "dstore" / "train"
@@ -135,8 +176,8 @@ def main() -> None:
     lam_mlp, lam_ptr = ["--knn-lambda-model", str(got["lam_mlp"])], [
         "--knn-lambda-model", str(got["lam_ptr1"])]
     rows["ivfpq: λ MLP"] = ("ivfpq", knn("ivfpq", *lam_mlp))
-    rows[f"ivfpq: λ MLP, gate {a.skip_below:g}"] = (
-        "ivfpq", knn("ivfpq", *lam_mlp, "--knn-skip-below", str(a.skip_below)))
+    gate_row = "ivfpq: λ MLP, gate"  # its --knn-skip-below is set once the model is fitted
+    rows[gate_row] = ("ivfpq", knn("ivfpq", *lam_mlp, "--knn-skip-below", GATE))
     rows[f"ivfpq: λ MLP for pointers 1, stream {s}"] = (
         "ivfpq", knn("ivfpq", *lam_ptr, *ptr, "1", "--knn-stream-len", s))
     for index in ("ivfpq", "fastscan"):  # fewer candidates per cluster step
@@ -157,12 +198,22 @@ def main() -> None:
     used = {x for _, args in rows.values() for x in args}
     prepare(a, run, got, base, knn, {name for name, path in got.items()
                                      if str(path) in used})
+    notes = []
+    if gate_row in rows:
+        tau, why = (a.skip_below, "--skip-below") if a.skip_below is not None else \
+            pick_skip_below(json.loads(report_of(got["lam_mlp"]).read_text()),
+                            a.gate_tolerance)
+        notes.append(f"{gate_row}: --knn-skip-below {tau:g} ({why})")
+        print(notes[-1], flush=True)
+        rows = {(f"{n} {tau:g}" if n == gate_row else n):
+                (index, [str(tau) if x == GATE else x for x in args])
+                for n, (index, args) in rows.items()}  # in the same order
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in rows}
     for rep in range(a.repeats):
         for name, (_, args) in rows.items():
             runs[name].append(parse_run(sh([str(BIN / "fairseq-eval-lm"), *base, *args])))
         print(f"round {rep + 1} of {a.repeats} done ({time.time() - t0:.0f}s)", flush=True)
-        write_result(out, summarise(runs, rows), a, rows, base, t0, rep + 1)
+        write_result(out, summarise(runs, rows), a, rows, base, t0, rep + 1, notes)
     result = json.loads((out / "speed.json").read_text())
     print((out / "speed.md").read_text())
     plot(result, out / "speed.png", a.label)
@@ -171,15 +222,16 @@ def main() -> None:
 
 def write_result(out: Path, result: dict[str, Any], a: argparse.Namespace,
                  rows: dict[str, tuple[str, list[str]]], base: list[str], t0: float,
-                 rounds: int) -> None:
+                 rounds: int, notes: list[str]) -> None:
     """OUT/speed.json and OUT/speed.md of the rounds done so far (rewritten after each
     round, so an interrupted run keeps them)."""
     result.update({"args": {k: str(v) for k, v in vars(a).items()}, "wall_s": time.time() - t0,
-                   "rounds": rounds,
+                   "rounds": rounds, "notes": notes,
                    "commands": {n: " ".join(["fairseq-eval-lm", *base, *r[1]])
                                 for n, r in rows.items()}})
     (out / "speed.json").write_text(json.dumps(result, indent=1))
     (out / "speed.md").write_text(f"{rounds} of {a.repeats} rounds\n\n" + table(result)
+                                  + "".join(f"\n{n}\n" for n in notes)
                                   + "\n" + profile_table(result))
 
 

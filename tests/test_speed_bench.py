@@ -47,10 +47,28 @@ def test_results_are_written_after_each_round(tmp_path: Path) -> None:
     run = {"tokens": 1000, "ppl": 10.0, "searches": 800}
     runs = {n: [dict(run, seconds=s)] for n, s in zip(rows, (1.0, 1.2, 4.0, 3.0))}
     a = argparse.Namespace(repeats=3, label="x")
-    speed.write_result(tmp_path, speed.summarise(runs, rows), a, rows, ["data"], 0.0, 1)
+    speed.write_result(tmp_path, speed.summarise(runs, rows), a, rows, ["data"], 0.0, 1,
+                       ["a note"])
     res = json.loads((tmp_path / "speed.json").read_text())
     assert res["rounds"] == 1
     ptr = next(r for r in res["rows"] if r["row"] == "ivfpq: pointers 64, stream 32")
     assert abs(ptr["vs_full"] - 4.0 / 3.0) < 1e-9
     assert abs(ptr["overhead"] - (3.0 - 1.2) / (4.0 - 1.2)) < 1e-9
-    assert (tmp_path / "speed.md").read_text().startswith("1 of 3 rounds")
+    md = (tmp_path / "speed.md").read_text()
+    assert md.startswith("1 of 3 rounds") and "\na note\n" in md
+    assert res["notes"] == ["a note"]
+
+
+def _report(ppls: list[float], base: float = 100.0) -> dict:
+    taus = [0.0, 0.05, 0.1, 0.2, 0.5][:len(ppls)]
+    return {"held_out_ppl": {"model": base}, "held_out_skips": [
+        {"skip_below": t, "search_fraction": 1.0 - t, "ppl": p} for t, p in zip(taus, ppls)]}
+
+
+def test_the_gate_threshold_is_the_largest_within_the_tolerance() -> None:
+    tau, why = speed.pick_skip_below(_report([100.0, 100.2, 100.9, 103.0, 101.0]), 0.01)
+    assert tau == 0.5 and "widen" in why  # 101.0 is within 1%, and the grid's last
+    tau, why = speed.pick_skip_below(_report([100.0, 100.2, 100.9, 103.0, 120.0]), 0.01)
+    assert tau == 0.1 and "widen" not in why and "90.0%" in why
+    tau, why = speed.pick_skip_below(_report([100.0, 102.0, 105.0]), 0.01)
+    assert tau == 0.0 and "no gate threshold" in why

@@ -67,17 +67,25 @@ def lm_features_argmax(logp: torch.Tensor, rows: int = 128
 
     The entropy is -sum_v p log p with log p the given log-distribution (one exp per entry,
     no log: 3x faster than ``torch.special.entr`` over a 14K vocabulary), ``rows`` rows at a
-    time so that the temporaries stay in cache; rows with -inf entries (p = 0) take
-    ``entr``'s 0 log 0 = 0 instead of 0 * -inf."""
+    time into one buffer so that the temporaries stay in cache and no chunk allocates (a
+    fresh (rows, V) tensor costs its page faults every time); rows with -inf entries (p = 0)
+    take ``entr``'s 0 log 0 = 0 instead of 0 * -inf. On the CPU the argmax is numpy's (the
+    first of ties too, 5x faster than torch's max with indices) and the max is read at it."""
     n = logp.shape[0]
     ent = torch.empty(n, dtype=torch.float32, device=logp.device)
     mx = torch.empty(n, dtype=torch.float32, device=logp.device)
     top = torch.empty(n, dtype=torch.long, device=logp.device)
+    buf = torch.empty((min(rows, n), logp.shape[-1]), dtype=torch.float32, device=logp.device)
     for s in range(0, n, rows):
         lp = logp[s:s + rows].float()
-        m = lp.max(-1)
-        mx[s:s + rows], top[s:s + rows] = m.values, m.indices
-        e = lp.exp().mul_(lp).sum(-1).neg_()
+        if lp.device.type == "cpu" and not lp.requires_grad:
+            at = torch.from_numpy(lp.numpy().argmax(-1))
+            top[s:s + rows] = at
+            mx[s:s + rows] = lp.gather(1, at[:, None])[:, 0]
+        else:
+            m = lp.max(-1)
+            mx[s:s + rows], top[s:s + rows] = m.values, m.indices
+        e = torch.exp(lp, out=buf[:len(lp)]).mul_(lp).sum(-1).neg_()
         bad = torch.isnan(e)
         if bool(bad.any()):
             e[bad] = torch.special.entr(lp[bad].exp()).sum(-1)

@@ -41,6 +41,9 @@ class Batch:
         if self.lm_logp_nbrs is None:
             assert self.lm_logp_at is not None
             rows = (nbr_vals >= 0).any(dim=1).nonzero()[:, 0].cpu()
+            if len(rows) == len(nbr_vals):  # every token has neighbours: no copy
+                self.lm_logp_nbrs = self.lm_logp_at(rows, nbr_vals).to(nbr_vals.device)
+                return self.lm_logp_nbrs
             out = torch.zeros(nbr_vals.shape, dtype=torch.float32, device=nbr_vals.device)
             if len(rows):
                 out[rows.to(out.device)] = self.lm_logp_at(rows, nbr_vals[rows.to(

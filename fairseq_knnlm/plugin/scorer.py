@@ -65,7 +65,9 @@ class KNNSequenceScorer(SequenceScorer):
         lmf = feats.new_empty((len(tgt), 2), dtype=torch.float32) if with_features else None
         top = torch.empty(len(tgt), dtype=torch.long, device=feats.device) if with_features \
             else None
-        kept: torch.Tensor | None = None  # (n, V) the full log-distributions, if they fit
+        # the full log-distributions (rows, V) of each chunk of positions, kept (not copied
+        # into one (n, V) tensor) when all of them fit in LM_LOGP_KEEP_BYTES
+        kept: list[torch.Tensor] | None = None
         for s in range(0, len(tgt), rows):
             e = min(len(tgt), s + rows)
             # given targets, an adaptive softmax fills only their clusters' log-probs; the
@@ -80,9 +82,9 @@ class KNNSequenceScorer(SequenceScorer):
                 full = probs[0]
                 lmf[s:e], top[s:e] = lm_features_argmax(full)
                 if s == 0 and len(tgt) * full.shape[-1] * 4 <= LM_LOGP_KEEP_BYTES:
-                    kept = full.new_empty((len(tgt), full.shape[-1]), dtype=torch.float32)
+                    kept = []
                 if kept is not None:
-                    kept[s:e] = full
+                    kept.append(full.float())
         hypos, o = [], 0
         for i in range(bsz):
             ref = utils.strip_pad(target[i, starts[i]:], self.pad)
@@ -97,7 +99,7 @@ class KNNSequenceScorer(SequenceScorer):
                 hypo["lm_offset"] = o
                 if i == 0:
                     hypo["lm_logp_at"] = (
-                        functools.partial(lm_logp_kept, kept) if kept is not None else
+                        functools.partial(lm_logp_kept, kept, rows) if kept is not None else
                         functools.partial(lm_logp_at, model, feats, tuple(decoder_out[1:]),
                                           rows))
             o += n
@@ -105,10 +107,21 @@ class KNNSequenceScorer(SequenceScorer):
         return hypos
 
 
-def lm_logp_kept(kept: torch.Tensor, positions: torch.Tensor, tokens: torch.Tensor
-                 ) -> torch.Tensor:
-    """``lm_logp_at`` from the batch's kept full log-distributions ``kept`` (n, V)."""
-    return logp_at_rows(kept, positions.to(kept.device), tokens.to(kept.device).long())
+def lm_logp_kept(kept: list[torch.Tensor], rows: int, positions: torch.Tensor,
+                 tokens: torch.Tensor) -> torch.Tensor:
+    """``lm_logp_at`` from the batch's kept full log-distributions: ``kept[c]`` (rows, V)
+    those of the scored positions c * rows ... (c + 1) * rows - 1 (the last chunk shorter)."""
+    dev = kept[0].device
+    pos, tok = positions.to(dev).long(), tokens.to(dev).long()
+    if len(kept) == 1:
+        return logp_at_rows(kept[0], pos, tok)
+    out = torch.empty(tok.shape, dtype=torch.float32, device=dev)
+    chunk = pos // rows
+    for c, full in enumerate(kept):
+        sel = (chunk == c).nonzero()[:, 0]
+        if len(sel):
+            out[sel] = logp_at_rows(full, pos[sel] - c * rows, tok[sel])
+    return out
 
 
 @torch.no_grad()

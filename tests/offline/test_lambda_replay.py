@@ -148,8 +148,15 @@ def test_scorer_features_equal_the_full_distribution(tiny, tmp_path, adaptive):
     toks = torch.randint(0, len(d), (4, 6), generator=g)
     toks[1, 2] = -1  # no neighbour there: 0
     want = full[pos].gather(1, toks.clamp_min(0)).masked_fill(toks < 0, 0.0)
-    assert isinstance(hypos[0][0]["lm_logp_at"].args[0], torch.Tensor)  # kept
+    assert isinstance(hypos[0][0]["lm_logp_at"].args[0], list)  # kept
     assert torch.allclose(hypos[0][0]["lm_logp_at"](pos, toks), want, atol=1e-5)
+    # kept in chunks of 5 positions (--softmax-batch 5): read from the chunk of each position
+    chunked = KNNSequenceScorer(d)
+    chunked.softmax_batch = 5
+    hc = chunked._score_targets_only(m, sample, True)
+    assert len(hc[0][0]["lm_logp_at"].args[0]) == 5  # 24 positions
+    assert torch.equal(hc[0][0]["lm_logp_at"](pos, toks), hypos[0][0]["lm_logp_at"](pos, toks))
+    assert torch.equal(torch.cat([h[0]["lm_features"] for h in hc]), got)
     old, scorer_mod.LM_LOGP_KEEP_BYTES = scorer_mod.LM_LOGP_KEEP_BYTES, 0
     try:
         again = KNNSequenceScorer(d)._score_targets_only(m, sample, True)
