@@ -5,6 +5,7 @@ they found their neighbours (searched, from pointers, skipped)."""
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable, Optional
 
 import numpy as np
@@ -129,7 +130,10 @@ class KNNScorer:
               ) -> tuple[torch.Tensor, torch.Tensor, Retrieved]:
         """log p of the targets after the kNN interpolation (Eq. 3), log p_kNN, and what
         was retrieved."""
+        t0 = time.perf_counter()
         x, skip = self._lambda_inputs(b)
+        if x is not None:
+            self.retriever.timing["lambda_pre"] += time.perf_counter() - t0
         self._batch_lambdas = None
         if self.policy is None:
             if skip is None:
@@ -148,13 +152,18 @@ class KNNScorer:
             final = interpolate(lm, knn_lp, self.t.lmbda)
         else:
             assert x is not None
+            t0 = time.perf_counter()
             agree = self.lambda_model.needs_agreement
             x.update(knn_features(
                 retrieved.dists, self.t.knn_temp, retrieved.nbr_vals,
                 b.lm_at_neighbors(retrieved.nbr_vals) if agree else None,
                 b.lm_top if agree else None))
+            t1 = time.perf_counter()
             final = self.lambda_model.mixture_logp(x, lm, self._knn_at_temps(knn_lp, b,
                                                                              retrieved))
+            timing = self.retriever.timing
+            timing["lambda_features"] += t1 - t0
+            timing["lambda_mix"] += time.perf_counter() - t1
             model, n = self.lambda_model, len(lm)
             self._batch_lambdas = lambda: model.lambdas(x, n)  # for a non-finite token's line
         if retrieved.modes is not None and (retrieved.modes == SKIP).any():

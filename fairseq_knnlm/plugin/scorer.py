@@ -12,7 +12,8 @@ hypothesis' ``positional_scores`` by the interpolated log-probabilities.
 from __future__ import annotations
 
 import functools
-from typing import Any
+import time
+from typing import Any, Optional
 
 import torch
 from fairseq import utils
@@ -36,13 +37,15 @@ class KNNSequenceScorer(SequenceScorer):
             return super().generate(models, sample, **kwargs)
         if len(models) != 1:
             raise FlagError("kNN-LM options do not support ensembles: one model only")
-        hypos = self._score_targets_only(models[0], sample, rt.wants_lm_features)
+        hypos = self._score_targets_only(models[0], sample, rt.wants_lm_features,
+                                         rt.knn.retriever.timing if rt.knn else None)
         rt.process(sample, hypos)
         return hypos
 
     @torch.no_grad()
     def _score_targets_only(self, model: torch.nn.Module, sample: dict,
-                            with_features: bool = False) -> list:
+                            with_features: bool = False,
+                            timing: Optional[dict[str, float]] = None) -> list:
         """fairseq's hypotheses for the scored positions; ``with_features`` adds, per
         hypothesis, ``lm_features`` (n, 2): the entropy and the max log-prob of p_LM there
         (lambda_model.lm_features), and ``lm_argmax`` (n,), read off the same distributions:
@@ -51,7 +54,8 @@ class KNNSequenceScorer(SequenceScorer):
         from it too (the same numbers as the targets-only call); the first hypothesis also
         gets ``lm_logp_at``, a function giving log p_LM of any tokens at the batch's scored
         positions (``lm_logp_at``), each hypothesis its first position's ``lm_offset``
-        there."""
+        there. ``timing`` (the retriever's stage times) gets the features' time as
+        ``lm_features`` (the full softmax they need is the LM's)."""
         model.eval()
         decoder_out = model(**sample["net_input"])
         target = sample["target"]
@@ -79,12 +83,15 @@ class KNNSequenceScorer(SequenceScorer):
             lp[s:e] = probs[0].gather(-1, tgt[s:e].unsqueeze(-1)).squeeze(-1).float()
             if lmf is not None:
                 assert top is not None
+                t0 = time.perf_counter()
                 full = probs[0]
                 lmf[s:e], top[s:e] = lm_features_argmax(full)
                 if s == 0 and len(tgt) * full.shape[-1] * 4 <= LM_LOGP_KEEP_BYTES:
                     kept = []
                 if kept is not None:
                     kept.append(full.float())
+                if timing is not None:
+                    timing["lm_features"] += time.perf_counter() - t0
         hypos, o = [], 0
         for i in range(bsz):
             ref = utils.strip_pad(target[i, starts[i]:], self.pad)
