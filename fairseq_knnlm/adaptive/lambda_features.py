@@ -6,6 +6,8 @@ float32 functions serve eval-lm, the replay and the fitter. Plain numpy and torc
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -149,6 +151,62 @@ def knn_features(dists: torch.Tensor, temperature: float,
                  lm_logp_nbrs: Optional[torch.Tensor] = None,
                  lm_top: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
     """POST_FEATURES of (n, k) float32 distances (inf where no neighbour), the neighbours'
+    values (n, k) (knn_top_mass), and p_LM at them with the LM's argmax (AGREEMENT_FEATURES);
+    those without their inputs are left out. A row without neighbours gets 0 for all (it is
+    not searched, so no lambda is applied to it). On the CPU one compiled pass per row
+    (feature_kernel.py), elsewhere ``knn_features_torch``; (n,) float32 each."""
+    if dists.device.type != "cpu":
+        return knn_features_torch(dists, temperature, values, lm_logp_nbrs, lm_top)
+    from fairseq_knnlm.adaptive import feature_kernel as fk  # numba: lambda-model runs only
+
+    d = np.ascontiguousarray(dists.detach().float().numpy())
+    n = len(d)
+    none2, none1 = np.zeros((0, 0), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    vals, lmn, top = none2, np.zeros((0, 0), dtype=np.float32), none1
+    if values is not None:
+        vals = np.ascontiguousarray(values.detach().cpu().numpy(), dtype=np.int64)
+        assert vals.shape == d.shape, (vals.shape, d.shape)
+        if lm_logp_nbrs is not None and lm_top is not None:
+            lmn = np.ascontiguousarray(lm_logp_nbrs.detach().cpu().float().numpy())
+            top = np.ascontiguousarray(lm_top.detach().cpu().numpy(), dtype=np.int64)
+    size = max(int(vals.max()) + 1 if vals.size else 1, 1)
+    out = np.empty((n, fk.COLUMNS), dtype=np.float64)
+
+    def rows(s: int, e: int) -> None:  # the kernel releases the GIL: row ranges in threads
+        fk.neighbour_features(d[s:e], float(temperature), vals[s:e], lmn[s:e], top[s:e],
+                              np.zeros(size, dtype=np.float64), np.zeros(size, dtype=bool),
+                              out[s:e])
+
+    parts = max(1, min(torch.get_num_threads(), n // 256))
+    cuts = [n * p // parts for p in range(parts + 1)]
+    if parts == 1:
+        rows(0, n)
+    else:
+        list(_pool(parts).map(rows, cuts[:-1], cuts[1:]))
+    col = torch.from_numpy(out.astype(np.float32))
+    feats = {"knn_min_dist": col[:, fk.MIN_DIST], "knn_weight_entropy": col[:, fk.WEIGHT_ENTROPY],
+             "knn_log_count": col[:, fk.LOG_COUNT]}
+    if values is not None:
+        feats["knn_top_mass"] = col[:, fk.TOP_MASS]
+        if lmn.shape[0] == n:
+            feats.update(knn_lm_agreement=col[:, fk.AGREEMENT],
+                         lm_logp_knn_top=col[:, fk.LM_LOGP_TOP],
+                         knn_mass_lm_top=col[:, fk.MASS_LM_TOP])
+    return {f: v.contiguous() for f, v in feats.items()}
+
+
+@functools.cache
+def _pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="knn-features")
+
+
+def knn_features_torch(dists: torch.Tensor, temperature: float,
+                 values: Optional[torch.Tensor] = None,
+                 lm_logp_nbrs: Optional[torch.Tensor] = None,
+                 lm_top: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """``knn_features`` in whole-(n, k) torch operations, on any device (the definition
+    the compiled kernel is compared with, and the GPU path): POST_FEATURES of (n, k) float32
+    distances (inf where no neighbour), the neighbours'
     values (n, k) (knn_top_mass), and p_LM at them with the LM's argmax (AGREEMENT_FEATURES);
     those without their inputs are left out. A row without neighbours gets 0 for all (it is
     not searched, so no lambda is applied to it)."""

@@ -305,22 +305,28 @@ class KNNRetriever:
     def score_subset(self, queries: torch.Tensor, targets: torch.Tensor, search: np.ndarray,
                      temperature: Optional[float] = None) -> tuple[torch.Tensor, Retrieved]:
         """``score`` for the tokens where ``search`` (n,) bool is set, in one call; the
-        others get no neighbours (-1 ids, inf distances), mode SKIP and ``KNN_LOGP_FLOOR``."""
+        others get no neighbours (-1 ids, inf distances), mode SKIP and ``KNN_LOGP_FLOOR``.
+        Values and log p_kNN are computed for the searched rows only (row by row the same
+        numbers as ``score`` of those rows) and placed into the batch's arrays."""
         n, dev = len(targets), queries.device
         sel = np.nonzero(np.asarray(search, dtype=bool))[0]
         ids = np.full((n, self.k), -1, dtype=np.int64)
         fd = np.full((n, self.k), np.inf, dtype=np.float32)
-        d = torch.full((n, self.k), float("inf"), dtype=torch.float32)
+        d = torch.full((n, self.k), float("inf"), dtype=torch.float32, device=dev)
+        nbr_vals = torch.full((n, self.k), -1, dtype=torch.long, device=dev)
+        valid = torch.zeros((n, self.k), dtype=torch.bool, device=dev)
+        logp = torch.full((n,), KNN_LOGP_FLOOR, dtype=torch.float32, device=dev)
         if len(sel):
-            r = self.retrieve(queries[torch.from_numpy(sel).to(dev)])
+            at = torch.from_numpy(sel).to(dev)
+            r = self.retrieve(queries[at])
             ids[sel], fd[sel] = r.ids, r.faiss_dists
-            d[torch.from_numpy(sel)] = r.dists.float().cpu()
-        nbr_vals, valid = self.values(ids, dev)
+            d[at], nbr_vals[at], valid[at] = r.dists.to(dev), r.nbr_vals.to(dev), r.valid.to(dev)
+            logp[at] = self.log_prob(r, targets[at], temperature).to(dev)
         modes = np.full(n, SKIP, dtype=np.int8)
         modes[sel] = SEARCH
-        r = Retrieved(ids=ids, faiss_dists=fd, dists=d.to(dev), nbr_vals=nbr_vals, valid=valid,
+        r = Retrieved(ids=ids, faiss_dists=fd, dists=d, nbr_vals=nbr_vals, valid=valid,
                       modes=modes, n_pointers=np.zeros(n, dtype=np.int64))
-        return self.log_prob(r, targets, temperature), r
+        return logp, r
 
     def run_streams(self, queries: torch.Tensor, targets: torch.Tensor,
                     starts: Sequence[int], lengths: Sequence[int],
